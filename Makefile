@@ -1,0 +1,42 @@
+# Everything runs inside .venv; `make test` and `make train` build it from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU wheel by default; users with a GPU override, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+DATA_ROOT ?= ../shared/data/speech_commands_dev
+
+.PHONY: venv train test lint format tensorboard benchmark clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls GBs of CUDA packages
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+train: venv
+	$(BIN)/python -m kws_lightning.train experiment=quickstart
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check kws_lightning tests benchmarks
+	$(BIN)/ruff format --check kws_lightning tests benchmarks
+
+format: venv
+	$(BIN)/ruff format kws_lightning tests benchmarks
+	$(BIN)/ruff check --fix kws_lightning tests benchmarks
+
+tensorboard: venv
+	$(BIN)/tensorboard --logdir logs
+
+benchmark: venv
+	$(BIN)/python benchmarks/input_pipeline.py --root $(DATA_ROOT)
+
+clean:
+	rm -rf $(VENV) logs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Keyword spotting on Speech Commands with PyTorch Lightning and Hydra."""

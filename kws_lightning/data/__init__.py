@@ -1,0 +1,1 @@
+"""Speech Commands data: indexing, decoding, sampling, augmentation, the DataModule, synthetic speech."""

@@ -1,0 +1,224 @@
+"""The LightningDataModule: folder → clip table → decoded waves → TF-style batches → device augmentation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from kws_lightning.data.audio_io import AudioReadError, read_audio_int16
+from kws_lightning.data.augment import AugmentConfig, NoiseBank, prepare_batch, synthesize_silence
+from kws_lightning.data.dataset import ClipBatches, keep_batch
+from kws_lightning.data.index import IndexedDataset, index_training_layout
+from kws_lightning.data.sampler import SILENCE_ITEM, TFStyleSampler, fixed_selection
+from kws_lightning.data.wave_cache import WaveCache, load_or_build
+from kws_lightning.labels import DEFAULT_KEYWORDS, UNKNOWN, make_labels
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE_DIR = "logs/cache"
+
+
+class SpeechCommandsDataModule(pl.LightningDataModule):
+    """Speech Commands (or any folder in its layout, or generated synthetic speech) for training.
+
+    Batches leave the DataLoader as int16 clips; `on_after_batch_transfer` turns them, on the device,
+    into ``(waves float32 (B, clip_samples) in [-1, 1], targets int64 (B,))``.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        keywords: Sequence[str] = DEFAULT_KEYWORDS,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        silence_percentage: float = 10.0,
+        unknown_percentage: float = 10.0,
+        validation_percentage: float = 10.0,
+        testing_percentage: float = 10.0,
+        split_files: Mapping[str, str] | None = None,
+        cache_dir: str | None = None,
+        augment: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        synthetic: Mapping[str, Any] | None = None,
+        sample_rate: int = 16000,
+        clip_duration_s: float = 1.0,
+        decode_threads: int = 2,
+    ) -> None:
+        super().__init__()
+        if root is None and synthetic is None:
+            raise ValueError("no data: set data.root=PATH to a Speech Commands folder, or use data=synthetic")
+        self.save_hyperparameters(logger=False)
+        self.keywords = list(keywords)
+        self.labels = make_labels(self.keywords)
+        self.num_classes = len(self.labels)
+        self.sample_rate = sample_rate
+        self.clip_samples = int(round(sample_rate * clip_duration_s))
+        self.augment = AugmentConfig.from_mapping(augment)
+        self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
+        self.dataset: IndexedDataset | None = None
+        self.cache: WaveCache | None = None
+        self.noise = NoiseBank([], self.clip_samples)
+        self.train_sampler: TFStyleSampler | None = None
+        self.eval_items: dict[str, np.ndarray] = {}
+        self.eval_silence: dict[str, np.ndarray] = {}
+
+    # ---- preparation -------------------------------------------------------------------------
+    def resolve_root(self) -> Path:
+        """The data folder; synthetic speech is generated on first use into the cache directory."""
+        if self.hparams.root is not None:
+            return Path(self.hparams.root).expanduser()
+        from kws_lightning.data.synthetic import ensure_synthetic_dataset
+
+        return Path(ensure_synthetic_dataset(self.cache_dir, **dict(self.hparams.synthetic)))
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the only place that writes synthetic data.
+        self.resolve_root()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return
+        hp = self.hparams
+        self.dataset = index_training_layout(
+            self.resolve_root(),
+            self.keywords,
+            hp.validation_percentage,
+            hp.testing_percentage,
+            hp.split_files,
+        )
+        clips = self.dataset.clips
+        self.cache = load_or_build(list(clips["path"]), self.cache_dir, self.sample_rate, hp.decode_threads)
+        clips["cache_id"] = np.arange(len(clips))
+        clips["ok"] = self.cache.ok
+        self.noise = NoiseBank(self._load_noise(), self.clip_samples)
+        if not self.noise:
+            log.warning(
+                "no _background_noise_ recordings under %s: noise mixing off, silence is digital zero",
+                self.dataset.root,
+            )
+        self._check_classes()
+        fractions = hp.silence_percentage / 100.0, hp.unknown_percentage / 100.0
+        known, unknown = self._known_and_unknown("training")
+        self.train_sampler = TFStyleSampler(known, unknown, *fractions, seed=hp.seed)
+        for offset, split in enumerate(("validation", "testing")):
+            items = fixed_selection(*self._known_and_unknown(split), *fractions, seed=hp.seed + offset)
+            silence = items == SILENCE_ITEM
+            # Number the fixed silence items so each maps to its own pre-drawn clip.
+            items[silence] = -1 - np.arange(silence.sum())
+            self.eval_items[split] = items
+            self.eval_silence[split] = self._fixed_silence(int(silence.sum()), seed=hp.seed + 1000 + offset)
+        log.info("data: %s", self.describe())
+
+    def _load_noise(self) -> list[torch.Tensor]:
+        recordings = []
+        for path in self.dataset.noise_files:
+            try:
+                recordings.append(torch.from_numpy(read_audio_int16(path, self.sample_rate)))
+            except AudioReadError as error:
+                log.warning("skipping background noise: %s", error)
+        return recordings
+
+    def _fixed_silence(self, count: int, seed: int) -> np.ndarray:
+        """Validation / test silence drawn once from the noise, so every evaluation sees the same clips."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clips = synthesize_silence(count, self.noise.to(torch.device("cpu")), self.augment.silence)
+        return (clips * 32767).round().to(torch.int16).numpy()
+
+    def _known_and_unknown(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        clips = self.dataset.clips
+        usable = clips[(clips["split"] == split) & clips["ok"]]
+        is_unknown = usable["label"] == UNKNOWN
+        return usable.loc[~is_unknown, "cache_id"].to_numpy(), usable.loc[is_unknown, "cache_id"].to_numpy()
+
+    def _check_classes(self) -> None:
+        clips = self.dataset.clips
+        train = clips[(clips["split"] == "training") & clips["ok"]]
+        counts = train["label"].value_counts()
+        empty = [k for k in self.keywords if counts.get(k, 0) == 0]
+        if empty:
+            raise ValueError(
+                f"keyword(s) {empty} have no usable training clips under {self.dataset.root}: "
+                "add clips, or remove them from data.keywords"
+            )
+        if self.hparams.unknown_percentage > 0 and counts.get(UNKNOWN, 0) == 0:
+            raise ValueError(
+                f"no unknown-word training clips under {self.dataset.root} (every word folder is a keyword): "
+                "add other word folders, or set data.unknown_percentage=0"
+            )
+
+    def describe(self) -> str:
+        """One line per split: clip counts, and the epoch composition."""
+        clips = self.dataset.clips[self.dataset.clips["ok"]]
+        parts = [f"root={self.dataset.root} ({self.dataset.split_source} split)"]
+        for split in ("training", "validation", "testing"):
+            subset = clips[clips["split"] == split]
+            parts.append(f"{split}: {len(subset)} clips, {subset['speaker'].nunique()} speakers")
+        parts.append(f"epoch items: {self.train_sampler.epoch_size}")
+        return "; ".join(parts)
+
+    # ---- loaders -----------------------------------------------------------------------------
+    def _loader(self, dataset: ClipBatches, sampler: Any) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=keep_batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def clip_targets(self) -> np.ndarray:
+        return self.dataset.clips["target"].to_numpy()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(ClipBatches(self.cache, self.clip_targets()), self.train_sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        items = self.eval_items[split]
+        if len(items) == 0:
+            raise ValueError(f"the {split} split is empty: give a {split} list or a non-zero percentage")
+        dataset = ClipBatches(self.cache, self.clip_targets(), self.eval_silence[split])
+        return self._loader(dataset, items.tolist())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("testing")
+
+    # ---- on the device -----------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        train = self.trainer is not None and self.trainer.training
+        return self.to_model_input(batch, train), batch["targets"]
+
+    def to_model_input(self, batch: dict, train: bool) -> torch.Tensor:
+        """The device-side half of the input path (also usable without a Trainer, e.g. in benchmarks)."""
+        waves = batch["waves"]
+        self.noise.to(waves.device)
+        return prepare_batch(
+            waves,
+            batch["lengths"],
+            batch["synth_silence"],
+            self.noise,
+            self.augment,
+            train,
+        )
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        """How many items of each class one epoch (training) or the fixed draw (validation/testing) holds."""
+        if split == "training":
+            items = self.train_sampler.epoch_items()
+        else:
+            items = self.eval_items[split]
+        targets = np.where(items < 0, 0, self.clip_targets()[np.maximum(items, 0)])
+        counts = np.bincount(targets, minlength=self.num_classes)
+        return dict(zip(self.labels, counts.tolist(), strict=True))

@@ -1,0 +1,235 @@
+"""Index Speech Commands folders into clip tables (one row per clip), without decoding audio.
+
+Three layouts are read:
+- training: ``<root>/<word>/<speaker>_nohash_<n>.wav`` + ``_background_noise_/`` + optional split lists
+  (also Kaggle's ``train/audio`` with the lists one level up);
+- official test set: ``<word>/``, ``_unknown_/`` (``<word>_<speaker>_nohash_<n>.wav.wav``), ``_silence_/``;
+- unlabeled: a flat folder of clips (Kaggle ``test/audio``) for prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from kws_lightning.labels import BACKGROUND_NOISE_DIR, DEFAULT_KEYWORDS, SILENCE, UNKNOWN, make_labels
+
+SPLITS = ("training", "validation", "testing")
+LIST_FILES = {"validation": "validation_list.txt", "testing": "testing_list.txt"}
+TEST_SET_SILENCE_DIR = "_silence_"
+TEST_SET_UNKNOWN_DIR = "_unknown_"
+# TF's speech_commands input_data.py: hashing modulus for the stable speaker split.
+_MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
+_NOHASH = re.compile(r"_nohash_.*$")
+CLIP_COLUMNS = ["path", "rel", "word", "label", "target", "speaker", "split"]
+
+
+class DataLayoutError(ValueError):
+    """The folder does not look like the layout asked for; the message names the path and the fix."""
+
+
+@dataclass
+class IndexedDataset:
+    """Clips of one folder, labelled and split, plus the background-noise files beside them."""
+
+    root: Path
+    labels: list[str]
+    clips: pd.DataFrame
+    noise_files: list[Path] = field(default_factory=list)
+    split_source: str = "speaker-hash"
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.clips[self.clips["split"] == name].reset_index(drop=True)
+
+
+def speaker_of(filename: str) -> str:
+    """The speaker id: the basename up to ``_nohash_`` (TF's rule)."""
+    return _NOHASH.sub("", Path(filename).name)
+
+
+def which_set(filename: str, validation_percentage: float = 10.0, testing_percentage: float = 10.0) -> str:
+    """TF's stable split: sha1 of the speaker id decides, so a speaker never straddles two splits."""
+    hashed = hashlib.sha1(speaker_of(filename).encode("utf-8")).hexdigest()
+    percentage = (int(hashed, 16) % (_MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / _MAX_NUM_WAVS_PER_CLASS)
+    if percentage < validation_percentage:
+        return "validation"
+    if percentage < validation_percentage + testing_percentage:
+        return "testing"
+    return "training"
+
+
+def _require_dir(root: str | Path, what: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataLayoutError(
+            f"{what} {path} does not exist or is not a folder: set data.root (or input=) to a Speech "
+            "Commands folder, e.g. data.root=../shared/data/speech_commands_dev"
+        )
+    return path.resolve()
+
+
+def _word_dirs(root: Path) -> dict[str, Path]:
+    return {
+        d.name: d
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith((".", "_")) and any(d.glob("*.wav"))
+    }
+
+
+def find_audio_root(root: str | Path) -> Path:
+    """`root` itself, or Kaggle's ``<root>/audio`` when the word folders live there."""
+    path = _require_dir(root, "data root")
+    if not _word_dirs(path) and (path / "audio").is_dir() and _word_dirs(path / "audio"):
+        return path / "audio"
+    return path
+
+
+def _find_list(audio_root: Path, name: str) -> Path | None:
+    # Kaggle keeps the lists one level above train/audio.
+    for folder in (audio_root, audio_root.parent):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_split_list(list_file: str | Path, audio_root: Path) -> list[str]:
+    """Relative clip paths of a split list; every entry must exist under `audio_root`."""
+    list_path = Path(list_file).expanduser()
+    if not list_path.is_file():
+        raise DataLayoutError(f"split list {list_path} does not exist: fix data.split_files or remove it")
+    entries = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+    missing = [e for e in entries if not (audio_root / e).is_file()]
+    if missing:
+        raise DataLayoutError(
+            f"split list {list_path} names {len(missing)} file(s) missing under {audio_root}, first: "
+            f"{missing[:3]}. Point data.root at the folder the list was written for, or drop the list "
+            "(the split then follows the speaker-hash rule)."
+        )
+    return entries
+
+
+def _label_for(word: str, keywords: Sequence[str]) -> str:
+    return word if word in keywords else UNKNOWN
+
+
+def _table(rows: list[dict], labels: list[str]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=CLIP_COLUMNS)
+    table["target"] = table["label"].map({name: i for i, name in enumerate(labels)}).astype("int64")
+    return table
+
+
+def index_training_layout(
+    root: str | Path,
+    keywords: Sequence[str] = DEFAULT_KEYWORDS,
+    validation_percentage: float = 10.0,
+    testing_percentage: float = 10.0,
+    split_files: Mapping[str, str | Path] | None = None,
+) -> IndexedDataset:
+    """Index a training-layout folder and assign every clip to training / validation / testing.
+
+    Split precedence: explicit `split_files` ({"validation": path, "testing": path, optionally
+    "training": path}), then the folder's own ``validation_list.txt`` / ``testing_list.txt``, then the
+    speaker-hash rule with the given percentages. Every non-keyword word folder is ``unknown``.
+    """
+    labels = make_labels(keywords)
+    audio_root = find_audio_root(root)
+    words = _word_dirs(audio_root)
+    if not set(keywords) & set(words):
+        raise DataLayoutError(
+            f"none of the keywords {list(keywords)} has a folder of .wav files under {audio_root} "
+            f"(found: {sorted(words)[:12] or 'no word folders'}). Check data.root, or set data.keywords "
+            "to words that are there."
+        )
+    rows = [
+        {
+            "path": str(wav),
+            "rel": f"{word}/{wav.name}",
+            "word": word,
+            "label": _label_for(word, keywords),
+            "speaker": speaker_of(wav.name),
+            "split": "training",
+        }
+        for word, folder in words.items()
+        for wav in sorted(folder.glob("*.wav"))
+    ]
+    clips = _table(rows, labels)
+
+    explicit = dict(split_files or {})
+    unknown_keys = set(explicit) - set(SPLITS)
+    if unknown_keys:
+        raise DataLayoutError(f"data.split_files has unknown keys {sorted(unknown_keys)}; valid: {SPLITS}")
+    lists = {name: explicit.get(name) or _find_list(audio_root, LIST_FILES[name]) for name in LIST_FILES}
+    if explicit.get("training"):
+        lists["training"] = explicit["training"]
+    if any(lists.values()):
+        split_source = "lists"
+        clips["split"] = "training" if not lists.get("training") else "excluded"
+        for name in ("training", "validation", "testing"):
+            if lists.get(name):
+                listed = set(read_split_list(lists[name], audio_root))
+                clips.loc[clips["rel"].isin(listed), "split"] = name
+        clips = clips[clips["split"] != "excluded"].reset_index(drop=True)
+    else:
+        split_source = "speaker-hash"
+        clips["split"] = [which_set(rel, validation_percentage, testing_percentage) for rel in clips["rel"]]
+    noise_dir = audio_root / BACKGROUND_NOISE_DIR
+    noise_files = sorted(noise_dir.glob("*.wav")) if noise_dir.is_dir() else []
+    return IndexedDataset(audio_root, labels, clips, noise_files, split_source)
+
+
+def index_test_layout(root: str | Path, keywords: Sequence[str] = DEFAULT_KEYWORDS) -> IndexedDataset:
+    """Index the official test-set layout: ``_silence_/``, ``_unknown_/`` and keyword folders."""
+    labels = make_labels(keywords)
+    audio_root = _require_dir(root, "test-set folder")
+    folders = sorted(d for d in audio_root.iterdir() if d.is_dir() and any(d.glob("*.wav")))
+    if not folders:
+        raise DataLayoutError(f"test-set folder {audio_root} has no sub-folders with .wav files")
+    rows = []
+    for folder in folders:
+        if folder.name == TEST_SET_SILENCE_DIR:
+            label = SILENCE
+        elif folder.name == TEST_SET_UNKNOWN_DIR:
+            label = UNKNOWN
+        else:
+            label = _label_for(folder.name, keywords)
+        for wav in sorted(folder.glob("*.wav")):
+            rows.append(
+                {
+                    "path": str(wav),
+                    "rel": f"{folder.name}/{wav.name}",
+                    "word": folder.name,
+                    "label": label,
+                    "speaker": speaker_of(wav.name),
+                    "split": "testing",
+                }
+            )
+    return IndexedDataset(audio_root, labels, _table(rows, labels), split_source="folder")
+
+
+def index_unlabeled(root: str | Path) -> pd.DataFrame:
+    """All ``*.wav`` files of a flat folder (Kaggle ``test/audio``), sorted by name: columns path, fname."""
+    folder = _require_dir(root, "input folder")
+    wavs = sorted(folder.glob("*.wav"))
+    if not wavs:
+        raise DataLayoutError(f"input folder {folder} holds no .wav files")
+    return pd.DataFrame({"path": [str(p) for p in wavs], "fname": [p.name for p in wavs]})
+
+
+def detect_layout(root: str | Path) -> str:
+    """``"test"`` (official test set), ``"training"`` (word folders) or ``"unlabeled"`` (flat clips)."""
+    folder = _require_dir(root, "input folder")
+    if (folder / TEST_SET_SILENCE_DIR).is_dir() or (folder / TEST_SET_UNKNOWN_DIR).is_dir():
+        return "test"
+    if _word_dirs(find_audio_root(folder)):
+        return "training"
+    if any(folder.glob("*.wav")):
+        return "unlabeled"
+    raise DataLayoutError(
+        f"{folder} is neither a Speech Commands training folder (word folders), an official test set "
+        "(_silence_/, _unknown_/, keyword folders) nor a folder of .wav clips"
+    )

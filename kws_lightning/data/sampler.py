@@ -1,0 +1,132 @@
+"""TF-style epoch composition: every known-keyword clip + silence and unknown items at fixed proportions.
+
+With proportions ``ps`` (silence) and ``pu`` (unknown), an epoch of ``K`` known clips gets
+``round(K / (1 - ps - pu) * ps)`` silence items and likewise for unknown, so that silence and unknown
+make up ``ps`` and ``pu`` of the epoch. Unknown clips and silence are redrawn every epoch, reproducibly
+from ``(seed, epoch)``. Validation and test use one fixed draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+# Item id for "synthesise silence here"; clip ids are >= 0.
+SILENCE_ITEM = -1
+
+
+def composition_sizes(num_known: int, silence_fraction: float, unknown_fraction: float) -> tuple[int, int]:
+    """(silence_num, unknown_num) for an epoch with `num_known` keyword clips."""
+    if not 0 <= silence_fraction < 1 or not 0 <= unknown_fraction < 1:
+        raise ValueError("silence and unknown percentages must each be in [0, 100)")
+    rest = 1.0 - silence_fraction - unknown_fraction
+    if rest <= 0:
+        raise ValueError(
+            f"silence ({silence_fraction:.0%}) + unknown ({unknown_fraction:.0%}) leave no room for keywords"
+        )
+    return round(num_known / rest * silence_fraction), round(num_known / rest * unknown_fraction)
+
+
+def draw_unknown(unknown_ids: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` unknown clips: whole shuffled passes over the pool, so no clip repeats before all are used."""
+    if count == 0:
+        return np.zeros(0, np.int64)
+    if len(unknown_ids) == 0:
+        raise ValueError(
+            "the unknown class is empty (no non-keyword word folders in this split): add other words, "
+            "or set data.unknown_percentage=0"
+        )
+    passes = -(-count // len(unknown_ids))
+    return np.concatenate([rng.permutation(unknown_ids) for _ in range(passes)])[:count].astype(np.int64)
+
+
+def draw_epoch(
+    known_ids: np.ndarray,
+    unknown_ids: np.ndarray,
+    silence_fraction: float,
+    unknown_fraction: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One epoch's items (clip ids, SILENCE_ITEM for silence), shuffled."""
+    silence_num, unknown_num = composition_sizes(len(known_ids), silence_fraction, unknown_fraction)
+    items = np.concatenate(
+        [
+            np.asarray(known_ids, np.int64),
+            draw_unknown(np.asarray(unknown_ids, np.int64), unknown_num, rng),
+            np.full(silence_num, SILENCE_ITEM, np.int64),
+        ]
+    )
+    return rng.permutation(items)
+
+
+class TFStyleSampler(Sampler[int]):
+    """Yields one epoch's items; `set_epoch` (called by Lightning each epoch) redraws unknown and silence.
+
+    With `num_replicas` > 1 each rank takes a disjoint, equal-sized shard of the same epoch draw
+    (padded by wrapping around, as DistributedSampler does), so proportions hold overall.
+    """
+
+    def __init__(
+        self,
+        known_ids: np.ndarray,
+        unknown_ids: np.ndarray,
+        silence_fraction: float = 0.1,
+        unknown_fraction: float = 0.1,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.known_ids = np.asarray(known_ids, np.int64)
+        self.unknown_ids = np.asarray(unknown_ids, np.int64)
+        self.silence_fraction = silence_fraction
+        self.unknown_fraction = unknown_fraction
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        silence_num, unknown_num = composition_sizes(len(self.known_ids), silence_fraction, unknown_fraction)
+        self.epoch_size = len(self.known_ids) + silence_num + unknown_num
+        self.shard_size = -(-self.epoch_size // num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_items(self, epoch: int | None = None) -> np.ndarray:
+        """All ranks' items for `epoch` (default: the current one), before sharding."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        return draw_epoch(self.known_ids, self.unknown_ids, self.silence_fraction, self.unknown_fraction, rng)
+
+    def shard(self, items: np.ndarray) -> np.ndarray:
+        padded = np.resize(items, self.shard_size * self.num_replicas)
+        return padded[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard(self.epoch_items()).tolist())
+
+    def __len__(self) -> int:
+        return self.shard_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
+
+
+def fixed_selection(
+    known_ids: np.ndarray,
+    unknown_ids: np.ndarray,
+    silence_fraction: float,
+    unknown_fraction: float,
+    seed: int,
+) -> np.ndarray:
+    """Validation / test items drawn once (same proportions), in a stable order."""
+    rng = np.random.default_rng([seed, 2**31 - 1])
+    silence_num, unknown_num = composition_sizes(len(known_ids), silence_fraction, unknown_fraction)
+    unknown = np.sort(draw_unknown(np.asarray(unknown_ids, np.int64), unknown_num, rng))
+    return np.concatenate([np.asarray(known_ids, np.int64), unknown, np.full(silence_num, SILENCE_ITEM)])

@@ -1,0 +1,317 @@
+"""Feature front ends: raw 16 kHz waves (B, N) -> features (B, 1, T, F), time x frequency.
+
+Each front end is an ``nn.Module`` so it lives inside the model (``KWSModel = frontend + net``): checkpoints
+take raw audio, and train / eval / export can never disagree on features. Everything is batched tensor code
+(``torch.stft`` / ``torch.fft``), so it runs on whatever device the waves are on. Filter banks and windows are
+non-persistent buffers: ``.to(device)`` moves them, and they are rebuilt from the hyper-parameters rather
+than stored in checkpoints.
+
+Numbers match the seeds' librosa / scipy recipes; ``tests/test_features.py`` states and checks the tolerances.
+The computation runs in float32 (float64 after ``.double()``; still float32 after ``.half()``) with autocast
+disabled, because power spectra overflow float16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import librosa
+import numpy as np
+import scipy.fft
+import torch
+from torch import nn
+
+__all__ = ["MFCC", "LogMel", "LogSpectrogram", "MelPowerSpectrogram", "output_shape"]
+
+
+def _check_waves(waves: torch.Tensor, name: str, min_samples: int) -> None:
+    """Reject anything but a batch of float waves, naming what was expected."""
+    if not isinstance(waves, torch.Tensor) or waves.dim() != 2 or not waves.is_floating_point():
+        got = (
+            f"shape {tuple(waves.shape)} dtype {waves.dtype}"
+            if isinstance(waves, torch.Tensor)
+            else type(waves).__name__
+        )
+        raise ValueError(
+            f"{name} expects waves of shape (B, N) float (a batch of mono 16 kHz clips), got {got}; "
+            "add a batch dimension with waves.unsqueeze(0) / convert int16 audio with waves.float() / 32768"
+        )
+    if waves.shape[-1] < min_samples:
+        raise ValueError(
+            f"{name} needs at least {min_samples} samples per clip, got N={waves.shape[-1]}; pad the clips"
+        )
+
+
+def _exact(buffer: torch.Tensor, exact64: torch.Tensor) -> torch.Tensor:
+    """A constant in the compute dtype: float32, or float64 once the module was converted with .double().
+
+    ``.double()`` / ``.half()`` only recast the stored float32 values, so other dtypes take the exact copy
+    (kept on the CPU in float64); half precision modules still compute in float32, since power spectra
+    overflow float16.
+    """
+    if buffer.dtype == torch.float32:
+        return buffer
+    dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+    return exact64.to(device=buffer.device, dtype=dtype)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch autocast off for this device (power spectra overflow float16); no-op where it does not exist."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class MelPowerSpectrogram(nn.Module):
+    """Mel power spectrogram (B, N) -> (B, T, n_mels), equal to ``librosa.feature.melspectrogram``.
+
+    Same STFT as librosa: periodic Hann window of ``n_fft`` samples, ``center=True`` padding ``n_fft // 2``
+    on both sides with ``pad_mode`` (librosa >= 0.10 default ``"constant"``; honk-era librosa used
+    ``"reflect"``), power 2, and the Slaney-normalised Slaney-scale filter bank of ``librosa.filters.mel``.
+    T = 1 + N // hop_length.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 480,
+        hop_length: int = 160,
+        n_mels: int = 40,
+        fmin: float = 20.0,
+        fmax: float = 4000.0,
+        pad_mode: str = "constant",
+    ) -> None:
+        super().__init__()
+        if pad_mode not in ("constant", "reflect"):
+            raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
+        self.sample_rate = sample_rate
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.n_mels = n_mels
+        self.pad_mode = pad_mode
+        # reflect padding needs N > n_fft // 2; constant padding takes any non-empty clip.
+        self.min_samples = n_fft // 2 + 1 if pad_mode == "reflect" else 1
+        # librosa's own basis (float32 by default), so the only difference left is STFT arithmetic.
+        mel_basis = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+        self._mel_basis64 = torch.from_numpy(mel_basis).double()
+        self.register_buffer("mel_basis", self._mel_basis64.float(), persistent=False)
+        self._window64 = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+        self.register_buffer("window", self._window64.float(), persistent=False)
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        _check_waves(waves, type(self).__name__, self.min_samples)
+        window = _exact(self.window, self._window64)
+        with _no_autocast(waves.device):
+            spec = torch.stft(
+                waves.to(window.dtype),
+                n_fft=self.n_fft,
+                hop_length=self.hop_length,
+                win_length=self.n_fft,
+                window=window,
+                center=True,
+                pad_mode=self.pad_mode,
+                return_complex=True,
+            )  # (B, n_fft // 2 + 1, T)
+            # re^2 + im^2 rather than abs()**2: smooth at 0, so no NaN gradient from |0|.
+            power = spec.real.square() + spec.imag.square()
+            mel = torch.matmul(_exact(self.mel_basis, self._mel_basis64), power)
+            return mel.transpose(1, 2)  # (B, T, n_mels)
+
+    def extra_repr(self) -> str:
+        return f"n_fft={self.n_fft}, hop={self.hop_length}, n_mels={self.n_mels}, pad_mode={self.pad_mode}"
+
+
+class MFCC(nn.Module):
+    """honk-style MFCC (the seed recipe): (B, N) -> (B, 1, T, n_mfcc), (B, 1, 101, 40) for 1 s at 16 kHz.
+
+    ``librosa.feature.melspectrogram(y, sr=16000, n_fft=480, hop_length=160, n_mels=40, fmin=20, fmax=4000)``,
+    then the natural log where the power is > 0 (honk's ``data[data > 0] = np.log(data[data > 0])``: zero
+    power stays 0, so digital silence gives finite features), then the orthonormal DCT-II over the mel bands
+    (librosa's old ``filters.dct(n_mfcc, n_mels)`` = ``scipy.fft.dct(type=2, norm='ortho')``), per frame.
+
+    Tolerance (tests/test_features.py, vs librosa in float64): max |diff| <= 1e-3 over every coefficient on
+    real speech, noise, clicks, a clipped sine and digital silence (measured <= 5e-5; values span about
+    -100..+20). The float32 STFT limits it: its rounding error is ~1e-7 of the frame's largest FFT bin, so
+    a mel band 100+ dB below that has no correct digits, its log is off by units and the DCT spreads the
+    error over all coefficients. Real (int16) audio never gets there; a pure synthetic chirp does (bands
+    150 dB down), so for it the test compares log-mel bands within 80 dB of the clip's max (<= 1e-3,
+    measured 2e-4). After ``.double()`` it matches to < 1e-9.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 480,
+        hop_length: int = 160,
+        n_mels: int = 40,
+        n_mfcc: int = 40,
+        fmin: float = 20.0,
+        fmax: float = 4000.0,
+        pad_mode: str = "constant",
+    ) -> None:
+        super().__init__()
+        if not 1 <= n_mfcc <= n_mels:
+            raise ValueError(f"n_mfcc must be in [1, n_mels={n_mels}], got {n_mfcc}")
+        self.mel = MelPowerSpectrogram(sample_rate, n_fft, hop_length, n_mels, fmin, fmax, pad_mode)
+        # Row k of the orthonormal DCT-II matrix is coefficient k (dct of the identity's columns).
+        dct = scipy.fft.dct(np.eye(n_mels), type=2, norm="ortho", axis=0)[:n_mfcc]
+        self._dct64 = torch.from_numpy(dct)
+        self.register_buffer("dct_matrix", self._dct64.float(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"n_mfcc={self._dct64.shape[0]}"
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        _check_waves(waves, type(self).__name__, self.mel.min_samples)
+        mel = self.mel(waves)
+        with _no_autocast(waves.device):
+            positive = mel > 0
+            # Double where: log only sees positive values, so log(0) never enters the graph (no NaN grads).
+            log_mel = torch.where(positive, torch.log(torch.where(positive, mel, torch.ones_like(mel))), 0.0)
+            return torch.matmul(log_mel, _exact(self.dct_matrix, self._dct64).T).unsqueeze(1)
+
+
+class LogMel(nn.Module):
+    """Log-mel power in dB: (B, N) -> (B, 1, T, n_mels), (B, 1, 101, 40) for 1 s at 16 kHz.
+
+    The same mel power spectrogram as :class:`MFCC`, then ``librosa.power_to_db(S, ref=1.0, amin=1e-10,
+    top_db=80.0)`` applied per clip (the floor ``max - top_db`` is each clip's own max; ``top_db=None``
+    disables it).
+
+    Tolerance (vs librosa in float64): max |diff| <= 2e-3 dB where the reference is within 60 dB of the
+    clip's max, and <= 1e-2 dB everywhere (measured <= 3.4e-4 / 8e-4 dB, on a pure chirp; <= 1e-4 on
+    speech). The float32 STFT's rounding error (~1e-7 of the frame's largest bin) matters only for bands
+    far below the peak, and the top_db floor caps how far below that can be. After ``.double()``: < 1e-9.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 480,
+        hop_length: int = 160,
+        n_mels: int = 40,
+        fmin: float = 20.0,
+        fmax: float = 4000.0,
+        pad_mode: str = "constant",
+        amin: float = 1e-10,
+        top_db: float | None = 80.0,
+    ) -> None:
+        super().__init__()
+        if amin <= 0:
+            raise ValueError(f"amin must be > 0, got {amin}")
+        if top_db is not None and top_db < 0:
+            raise ValueError(f"top_db must be >= 0 or None, got {top_db}")
+        self.mel = MelPowerSpectrogram(sample_rate, n_fft, hop_length, n_mels, fmin, fmax, pad_mode)
+        self.amin = amin
+        self.top_db = top_db
+
+    def extra_repr(self) -> str:
+        return f"amin={self.amin}, top_db={self.top_db}"
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        _check_waves(waves, type(self).__name__, self.mel.min_samples)
+        mel = self.mel(waves)
+        with _no_autocast(waves.device):
+            db = 10.0 * torch.log10(torch.clamp(mel, min=self.amin))  # ref=1.0: nothing to subtract
+            if self.top_db is not None:
+                peak = db.amax(dim=(1, 2), keepdim=True)  # per clip, as librosa does on one clip
+                db = torch.maximum(db, peak - self.top_db)
+            return db.unsqueeze(1)
+
+
+class LogSpectrogram(nn.Module):
+    """Log power spectrogram at 8 kHz (the Kaggle "speech representation" seed): (B, N) -> (B, 1, T, F).
+
+    ``scipy.signal.resample(x, int(target_sample_rate / 16000 * N))`` (FFT method: rfft, keep the first
+    ``m // 2 + 1`` bins, double (down) / halve (up) the unpaired bin at ``m // 2`` when ``m`` is even,
+    irfft, scale by num / N), then ``scipy.signal.spectrogram(x, fs=target_sample_rate, window='hann',
+    nperseg=window, noverlap=window - step, detrend=False)`` (density scaling 1 / (fs * sum(w^2)),
+    one-sided bins doubled except DC and Nyquist), transposed to time x frequency, then
+    ``log(spec + eps)``. Window and step are ``round(ms * target_sample_rate / 1000)`` samples; the seed's
+    20 ms / 10 ms give 160 / 80 samples, so (B, 1, 99, 81) for 1 s (no padding: T = 1 + (M - 160) // 80).
+
+    Tolerance (vs scipy in float64): max |diff| <= 2e-3 where the spectrum is within 80 dB of the clip's
+    max, and <= 5e-3 everywhere (measured <= 4.8e-4 on a clipped sine, <= 7e-5 on speech). The float32
+    FFTs (whole-clip resampling, then per frame) limit it; ``eps`` = 1e-10 keeps the log of near-empty
+    bins from amplifying their rounding error. After ``.double()``: < 1e-9.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        target_sample_rate: int = 8000,
+        window_ms: float = 20.0,
+        step_ms: float = 10.0,
+        eps: float = 1e-10,
+    ) -> None:
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.target_sample_rate = target_sample_rate
+        self.nperseg = int(round(window_ms * target_sample_rate / 1e3))
+        self.step = int(round(step_ms * target_sample_rate / 1e3))
+        if not 0 < self.step <= self.nperseg:
+            raise ValueError(
+                f"need 0 < step <= window, got window_ms={window_ms} ({self.nperseg} samples), "
+                f"step_ms={step_ms} ({self.step} samples) at {target_sample_rate} Hz"
+            )
+        self.eps = eps
+        self._window64 = torch.hann_window(self.nperseg, periodic=True, dtype=torch.float64)
+        self.density_scale = 1.0 / (target_sample_rate * float(self._window64.pow(2).sum()))
+        self.register_buffer("window", self._window64.float(), persistent=False)
+        # Shortest clip whose resampled length holds one window (searched, as the length rounds down).
+        self.min_samples = int(np.ceil(self.nperseg * sample_rate / target_sample_rate))
+        while self.resampled_length(self.min_samples) < self.nperseg:
+            self.min_samples += 1
+
+    def extra_repr(self) -> str:
+        return (
+            f"target_sample_rate={self.target_sample_rate}, nperseg={self.nperseg}, step={self.step}, "
+            f"eps={self.eps}"
+        )
+
+    def resampled_length(self, num_samples: int) -> int:
+        # Same float expression as the seed, so lengths agree for any rate pair.
+        return int(self.target_sample_rate / self.sample_rate * num_samples)
+
+    def resample(self, waves: torch.Tensor) -> torch.Tensor:
+        """``scipy.signal.resample`` along the last axis (real input, no window), batched."""
+        n_in = waves.shape[-1]
+        n_out = self.resampled_length(n_in)
+        if n_out == n_in:
+            return waves
+        m = min(n_out, n_in)
+        spec = torch.fft.rfft(waves)[..., : m // 2 + 1]
+        if m % 2 == 0:
+            # The unpaired bin at m // 2: downsampling folds its mirror image in, upsampling splits it.
+            gain = torch.ones(spec.shape[-1], dtype=waves.dtype, device=waves.device)
+            gain[m // 2] = 2.0 if n_out < n_in else 0.5
+            spec = spec * gain
+        return torch.fft.irfft(spec * (n_out / n_in), n=n_out)
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        _check_waves(waves, type(self).__name__, self.min_samples)
+        window = _exact(self.window, self._window64)
+        with _no_autocast(waves.device):
+            x = self.resample(waves.to(window.dtype))
+            frames = x.unfold(-1, self.nperseg, self.step) * window  # (B, T, nperseg)
+            spec = torch.fft.rfft(frames)
+            power = (spec.real.square() + spec.imag.square()) * self.density_scale
+            one_sided = torch.full((power.shape[-1],), 2.0, dtype=power.dtype, device=power.device)
+            one_sided[0] = 1.0
+            if self.nperseg % 2 == 0:
+                one_sided[-1] = 1.0  # the Nyquist bin has no mirror image
+            return torch.log(power * one_sided + self.eps).unsqueeze(1)
+
+
+@torch.no_grad()
+def output_shape(frontend: nn.Module, num_samples: int = 16000) -> tuple[int, int, int]:
+    """(1, T, F) that ``frontend`` produces for one clip of ``num_samples`` samples (runs it on zeros)."""
+    buffer = next(iter(frontend.buffers()), None)
+    device = buffer.device if buffer is not None else torch.device("cpu")
+    dtype = buffer.dtype if buffer is not None and buffer.is_floating_point() else torch.float32
+    out = frontend(torch.zeros(1, num_samples, device=device, dtype=dtype))
+    if out.dim() != 4 or out.shape[0] != 1:
+        raise ValueError(
+            f"{type(frontend).__name__} returned shape {tuple(out.shape)}, expected (1, 1, T, F)"
+        )
+    return tuple(int(d) for d in out.shape[1:])  # type: ignore[return-value]

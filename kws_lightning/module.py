@@ -1,0 +1,172 @@
+"""The LightningModule: cross-entropy, accuracy, optimiser and schedule; the model itself is `KWSModel`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+class KWSLightningModule(pl.LightningModule):
+    """Trains a `KWSModel` (front end + network, raw 16 kHz audio in, logits out).
+
+    `optimizer` and `scheduler` are factories (Hydra `_partial_: true`): the optimiser takes the
+    parameters, the scheduler the optimiser, and `total_steps` too where its config leaves it null
+    (filled from `trainer.estimated_stepping_batches`). Every schedule is stepped once per optimiser step.
+
+    `labels` (class names by index), `config` (the resolved run config, plain containers), `sample_rate`
+    and `clip_samples` (what the model expects as input) go into the checkpoint's hyper-parameters so a
+    checkpoint alone rebuilds the model and names its outputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        labels: Sequence[str],
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        config: Mapping[str, Any] | None = None,
+        sample_rate: int = 16000,
+        clip_samples: int = 16000,
+    ) -> None:
+        super().__init__()
+        # The modules and factories are rebuilt from `config`; saving them would pickle code objects.
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.hparams["labels"] = list(labels)
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+        num_classes = len(labels)
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        # Persistent so a resumed run remembers its best validation accuracy.
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.hparams["labels"])
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        return self.model(waves)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        waves, targets = batch
+        logits = self(waves)
+        return F.cross_entropy(logits, targets), logits.argmax(dim=1)
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        loss, preds = self._shared_step(batch)
+        targets = batch[1]
+        batch_acc = self.train_acc(preds, targets)
+        self.train_loss(loss, weight=len(preds))
+        # Per-step values under the plain names, epoch means under *_epoch (one tag each in TensorBoard).
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/acc", batch_acc, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/acc_epoch", self.train_acc, on_step=False, on_epoch=True)
+        return {"loss": loss, "preds": preds.detach(), "targets": targets}
+
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        loss, preds = self._shared_step(batch)
+        self.val_loss(loss, weight=len(preds))
+        self.val_acc(preds, batch[1])
+        return {"loss": loss, "preds": preds, "targets": batch[1]}
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/acc", acc, prog_bar=True)
+        self.val_loss.reset()
+        self.val_acc.reset()
+        # The sanity check runs on an untrained model over two batches: it must not count as a best.
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(acc)
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        loss, preds = self._shared_step(batch)
+        self.test_loss(loss, weight=len(preds))
+        self.test_acc(preds, batch[1])
+        return {"loss": loss, "preds": preds, "targets": batch[1]}
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss.compute())
+        self.log("test/acc", self.test_acc.compute())
+        self.test_loss.reset()
+        self.test_acc.reset()
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "KWSLightningModule has no optimizer: pass optimizer=partial(torch.optim.SGD, lr=...)"
+            )
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if getattr(self.scheduler_factory, "keywords", {}).get("total_steps", 0) is None:
+            kwargs["total_steps"] = self._total_steps()
+        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"the scheduler needs the run's length in steps, but the trainer estimates {total}: "
+                "set trainer.max_steps or trainer.max_epochs"
+            )
+        return int(total)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu"
+    ) -> KWSLightningModule:
+        """Rebuild the module (model, labels, config) from a checkpoint written by `kws_lightning.train`."""
+        from kws_lightning.utils.instantiate import build_kws_model
+
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        hparams = checkpoint.get("hyper_parameters", {})
+        config = hparams.get("config") or {}
+        if "labels" not in hparams or "feature" not in config or "model" not in config:
+            raise ValueError(
+                f"{path} lacks labels/config.feature/config.model in its hyper-parameters: "
+                "it was not written by `python -m kws_lightning.train`"
+            )
+        model = build_kws_model(
+            config["feature"],
+            config["model"],
+            num_classes=len(hparams["labels"]),
+            num_samples=hparams.get("clip_samples", 16000),
+        )
+        module = cls(
+            model=model,
+            labels=hparams["labels"],
+            config=config,
+            sample_rate=hparams.get("sample_rate", 16000),
+            clip_samples=hparams.get("clip_samples", 16000),
+        )
+        module.load_state_dict(checkpoint["state_dict"])
+        return module

@@ -1,0 +1,69 @@
+"""Learning-rate schedules counted in optimiser steps (the LightningModule steps them every step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+
+class PiecewiseConstantLR(LRScheduler):
+    """The seed's `StepLR([(0, 0.01), (200, 0.001)])`: absolute rates that start at given steps.
+
+    `schedule` is a list of ``(start_step, lr)`` pairs; the first must start at step 0. The optimiser's
+    own `lr` is ignored: the schedule says every rate.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, schedule: Sequence[Sequence[float]], last_epoch: int = -1
+    ) -> None:
+        self.schedule = _validate_schedule(schedule)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, step: int) -> float:
+        lr = self.schedule[0][1]
+        for start, value in self.schedule:
+            if step >= start:
+                lr = value
+        return lr
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
+
+
+def _validate_schedule(schedule: Sequence[Sequence[float]]) -> list[tuple[int, float]]:
+    try:
+        pairs = [(int(start), float(lr)) for start, lr in schedule]
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"scheduler.schedule={list(schedule)!r} is not a list of (start_step, lr) pairs, "
+            "e.g. [[0, 0.01], [200, 0.001]]"
+        ) from err
+    if not pairs or pairs[0][0] != 0:
+        raise ValueError(f"scheduler.schedule={pairs!r} must start at step 0, e.g. [[0, 0.01], [200, 0.001]]")
+    starts = [start for start, _ in pairs]
+    if starts != sorted(set(starts)):
+        raise ValueError(f"scheduler.schedule={pairs!r}: start steps must strictly increase")
+    return pairs
+
+
+def warmup_cosine(
+    optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
+) -> LambdaLR:
+    """Linear warm-up from 0 to the optimiser's lr over `warmup_steps`, then a half cosine down to
+    ``min_lr_ratio * lr`` at `total_steps`."""
+    if total_steps < 1 or not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"cosine schedule needs 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps}); "
+            "lower scheduler.warmup_steps or train longer"
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
