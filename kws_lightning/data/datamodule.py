@@ -24,6 +24,28 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "logs/cache"
 
 
+class ResumableLoader(DataLoader):
+    """A training DataLoader Lightning can resume mid-epoch (it has `state_dict` / `load_state_dict`).
+
+    The batch count comes from the restored fit loop (`batches_done`), not from counting here: Lightning
+    prefetches a batch ahead, so the loader's own count would be one too many.
+    """
+
+    batches_done: Any = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_pending = True
+
+    def __iter__(self) -> Any:
+        if getattr(self, "_resume_pending", False) and self.batches_done is not None:
+            self._resume_pending = False
+            self.sampler.skip_next = self.batches_done() * self.batch_size
+        return super().__iter__()
+
+
 class SpeechCommandsDataModule(pl.LightningDataModule):
     """Speech Commands (or any folder in its layout, or generated synthetic speech) for training.
 
@@ -164,9 +186,9 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         return "; ".join(parts)
 
     # ---- loaders -----------------------------------------------------------------------------
-    def _loader(self, dataset: ClipBatches, sampler: Any) -> DataLoader:
+    def _loader(self, dataset: ClipBatches, sampler: Any, loader_class: type = DataLoader) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        return loader_class(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
@@ -179,15 +201,36 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
     def clip_targets(self) -> np.ndarray:
         return self.dataset.clips["target"].to_numpy()
 
+    def _world(self) -> tuple[int, int]:
+        """(num_replicas, rank) of the attached trainer; (1, 0) without one."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(ClipBatches(self.cache, self.clip_targets()), self.train_sampler)
+        # Each process draws the same epoch (same seed) and takes its own shard of it; Lightning must not
+        # wrap the sampler (conf/trainer: use_distributed_sampler false), or set_epoch would not reach it.
+        self.train_sampler.num_replicas, self.train_sampler.rank = self._world()
+        self.train_sampler.shard_size = -(-self.train_sampler.epoch_size // self.train_sampler.num_replicas)
+        loader = self._loader(
+            ClipBatches(self.cache, self.clip_targets()), self.train_sampler, ResumableLoader
+        )
+        loader.batches_done = self._batches_done_this_epoch
+        return loader
+
+    def _batches_done_this_epoch(self) -> int:
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _eval_loader(self, split: str) -> DataLoader:
         items = self.eval_items[split]
         if len(items) == 0:
             raise ValueError(f"the {split} split is empty: give a {split} list or a non-zero percentage")
         dataset = ClipBatches(self.cache, self.clip_targets(), self.eval_silence[split])
-        return self._loader(dataset, items.tolist())
+        # Disjoint, unpadded shards: summed metric states over ranks equal a single-process evaluation.
+        replicas, rank = self._world()
+        return self._loader(dataset, items[rank::replicas].tolist())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

@@ -78,18 +78,22 @@ class TFStyleSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
         self.known_ids = np.asarray(known_ids, np.int64)
         self.unknown_ids = np.asarray(unknown_ids, np.int64)
         self.silence_fraction = silence_fraction
         self.unknown_fraction = unknown_fraction
         self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
         self.epoch = 0
+        self.skip_next = 0  # items of the current epoch already consumed before a resume
         silence_num, unknown_num = composition_sizes(len(self.known_ids), silence_fraction, unknown_fraction)
         self.epoch_size = len(self.known_ids) + silence_num + unknown_num
+        self.set_world(num_replicas, rank)
+
+    def set_world(self, num_replicas: int, rank: int) -> None:
+        """Shard the epoch over `num_replicas` processes; this one is `rank`."""
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.num_replicas, self.rank = num_replicas, rank
         self.shard_size = -(-self.epoch_size // num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
@@ -106,7 +110,8 @@ class TFStyleSampler(Sampler[int]):
         return padded[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.shard(self.epoch_items()).tolist())
+        skip, self.skip_next = self.skip_next, 0
+        return iter(self.shard(self.epoch_items())[skip:].tolist())
 
     def __len__(self) -> int:
         return self.shard_size
