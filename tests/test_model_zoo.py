@@ -7,9 +7,7 @@ exactly and the paper comparison is done on the paper's input (see each test for
 
 from __future__ import annotations
 
-import functools
 import math
-import pickle
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from kws_lightning.models import MODELS, available_models, build_model, hyperparameters
+from kws_lightning.models import MODELS, available_models, build_model
 from kws_lightning.models.bc_resnet import SubSpectralNorm
 from kws_lightning.models.ds_cnn import tf_same_padding
 from kws_lightning.models.kws_model import KWSModel
@@ -384,44 +382,6 @@ def test_zoo_runs_on_raw_audio_behind_the_papers_front_end(name):
 
 
 # --- hydra configs ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "count"),
-    [
-        ("res15", 237_882),
-        ("res8", 110_307),
-        ("res8_narrow", 19_905),
-        ("ds_cnn", 23_180),
-        ("tc_resnet8", 65_168),
-        ("tc_resnet14", 135_856),
-        ("matchboxnet", 87_108),
-        ("bc_resnet", 9_232),
-    ],
-)
-def test_hydra_config_builds_the_documented_model(name, count):
-    cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
-    assert cfg.name == name
-    factory = instantiate(cfg)
-    assert isinstance(factory, functools.partial)
-    model = factory(input_shape=MFCC_SHAPE, num_classes=12)
-    assert type(model) is MODELS[name]
-    assert n_params(model) == count
-    assert b"omegaconf" not in pickle.dumps(model)
-
-
-def test_zoo_config_keys_match_the_model_defaults():
-    # The yaml states every hyper-parameter, with the class defaults (so the docstring figures hold).
-    for name in ZOO:
-        cfg = OmegaConf.to_container(OmegaConf.load(CONF_MODEL / f"{name}.yaml"))
-        hparams = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "name"}
-        defaults = hyperparameters(name)
-        assert set(hparams) == set(defaults), name
-        for key, value in hparams.items():
-            expected = defaults[key]
-            if isinstance(expected, tuple):
-                expected = [list(e) if isinstance(e, tuple) else e for e in expected]
-            assert value == expected, (name, key)
 
 
 def test_ds_cnn_size_override_from_the_command_line():

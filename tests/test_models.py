@@ -198,7 +198,18 @@ def test_duplicate_registration_is_an_error():
 
 @pytest.mark.parametrize(
     ("name", "input_shape", "count"),
-    [("cnn_trad_pool2", MFCC_SHAPE, 493_708), ("light_cnn", SPEC_8K_SHAPE, 313_854)],
+    [
+        ("cnn_trad_pool2", MFCC_SHAPE, 493_708),
+        ("light_cnn", SPEC_8K_SHAPE, 313_854),
+        ("res15", MFCC_SHAPE, 237_882),
+        ("res8", MFCC_SHAPE, 110_307),
+        ("res8_narrow", MFCC_SHAPE, 19_905),
+        ("ds_cnn", MFCC_SHAPE, 23_180),
+        ("tc_resnet8", MFCC_SHAPE, 65_168),
+        ("tc_resnet14", MFCC_SHAPE, 135_856),
+        ("matchboxnet", MFCC_SHAPE, 87_108),
+        ("bc_resnet", MFCC_SHAPE, 9_232),
+    ],
 )
 def test_hydra_config_instantiates_a_partial_that_builds_the_model(name, input_shape, count):
     cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
@@ -214,8 +225,10 @@ def test_hydra_config_instantiates_a_partial_that_builds_the_model(name, input_s
 
 
 def test_config_keys_match_the_model_defaults():
-    # The yaml states every hyper-parameter, with the class defaults (so the docstring figures hold).
-    for name in ("cnn_trad_pool2", "light_cnn"):
+    # The yaml of every registered model states every hyper-parameter, with the class defaults (so the
+    # docstring figures hold).
+    assert sorted(p.stem for p in CONF_MODEL.glob("*.yaml")) == sorted(available_models())
+    for name in available_models():
         cfg = OmegaConf.to_container(OmegaConf.load(CONF_MODEL / f"{name}.yaml"))
         hparams = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "name"}
         defaults = hyperparameters(name)
