@@ -85,6 +85,7 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
         self.dataset: IndexedDataset | None = None
         self.cache: WaveCache | None = None
+        self._prepared: tuple[IndexedDataset, WaveCache] | None = None  # prepare_data's result, for setup
         self.noise = NoiseBank([], self.clip_samples)
         self.train_sampler: TFStyleSampler | None = None
         self.eval_items: dict[str, np.ndarray] = {}
@@ -100,22 +101,33 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         return Path(ensure_synthetic_dataset(self.cache_dir, **dict(self.hparams.synthetic)))
 
     def prepare_data(self) -> None:
-        # Runs on one process per node: the only place that writes synthetic data.
-        self.resolve_root()
+        # Lightning runs this on one process per node, before the others' setup: the only place that writes
+        # synthetic data or the wave cache, so DDP ranks never race on the files and all map the same one.
+        # (Kept for this process's setup; the other ranks index again and map the file this one wrote.)
+        if self.cache is None:
+            self._prepared = self._index_and_cache()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.cache is not None:
-            return
+    def _index_and_cache(self) -> tuple[IndexedDataset, WaveCache]:
         hp = self.hparams
-        self.dataset = index_training_layout(
+        dataset = index_training_layout(
             self.resolve_root(),
             self.keywords,
             hp.validation_percentage,
             hp.testing_percentage,
             hp.split_files,
         )
+        cache = load_or_build(
+            list(dataset.clips["path"]), self.cache_dir, self.sample_rate, hp.decode_threads
+        )
+        return dataset, cache
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return
+        hp = self.hparams
+        prepared, self._prepared = self._prepared, None
+        self.dataset, self.cache = prepared or self._index_and_cache()
         clips = self.dataset.clips
-        self.cache = load_or_build(list(clips["path"]), self.cache_dir, self.sample_rate, hp.decode_threads)
         clips["cache_id"] = np.arange(len(clips))
         clips["ok"] = self.cache.ok
         self.noise = NoiseBank(self._load_noise(), self.clip_samples)

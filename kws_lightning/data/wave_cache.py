@@ -124,13 +124,16 @@ def load_or_build(
     cache = decode_clips(paths, sample_rate, threads)
     report_failures(cache.failures, len(paths))
     folder.mkdir(parents=True, exist_ok=True)
-    # Write under temporary names, then rename: a killed run never leaves a cache that looks complete.
+    # Write under per-process temporary names, then rename: a killed run never leaves a cache that looks
+    # complete, and two processes building the same cache at once (nodes sharing a cache_dir) never
+    # write into each other's files; the last rename wins with identical content.
+    tag = f"tmp-{os.getpid()}"
     for name, array in (("samples", cache.samples), ("offsets", cache.offsets)):
-        tmp = folder / f"{name}.tmp.npy"
+        tmp = folder / f"{name}.{tag}.npy"
         np.save(tmp, array)
         os.replace(tmp, folder / f"{name}.npy")
     meta = {"clips": len(paths), "sample_rate": sample_rate, "failures": [f.__dict__ for f in cache.failures]}
-    tmp_marker = folder / "done.json.tmp"
+    tmp_marker = folder / f"done.json.{tag}"
     tmp_marker.write_text(json.dumps(meta))
     os.replace(tmp_marker, done_marker)
     log.info("wave cache written: %s (%d clips, %.1f MB)", folder, len(paths), cache.samples.nbytes / 1e6)
