@@ -79,3 +79,21 @@ def test_fixed_selection_is_stable_with_same_proportions():
     assert (a == SILENCE_ITEM).sum() == 100 and np.isin(a, UNKNOWN).sum() == 100
     with pytest.raises(ValueError, match="unknown class is empty"):
         fixed_selection(KNOWN, np.array([], np.int64), 0.1, 0.1, seed=0)
+
+
+def test_balanced_keywords_equalise_classes_and_keep_every_clip():
+    known = np.arange(130)
+    targets = np.array([2] * 100 + [3] * 30)  # a frequent and a scarce keyword
+    sampler = TFStyleSampler(known, UNKNOWN, 0.1, 0.1, seed=0, known_targets=targets, balance_keywords=True)
+    items = np.array(list(sampler))
+    assert len(items) == len(sampler) == 250  # 2 x 100 keywords, then 10 % silence and unknown each
+    scarce = items[(items >= 100) & (items < 130)]
+    assert len(scarce) == 100 and set(scarce) == set(range(100, 130))
+    assert np.bincount(scarce - 100).max() <= 4  # cycled, not sampled with replacement
+    frequent = items[(items >= 0) & (items < 100)]
+    assert sorted(frequent.tolist()) == list(range(100))
+    assert (items == SILENCE_ITEM).sum() == 25 and np.isin(items, UNKNOWN).sum() == 25
+    plain = TFStyleSampler(known, UNKNOWN, 0.1, 0.1, seed=0, known_targets=targets)
+    assert len(plain) == 162  # balancing is opt-in: 130 + 2 x round(130 / 0.8 * 0.1)
+    with pytest.raises(ValueError, match="known_targets"):
+        TFStyleSampler(known, UNKNOWN, balance_keywords=True)

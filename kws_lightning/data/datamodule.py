@@ -71,6 +71,7 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         sample_rate: int = 16000,
         clip_duration_s: float = 1.0,
         decode_threads: int = 2,
+        balance_keywords: bool = False,
     ) -> None:
         super().__init__()
         if root is None and synthetic is None:
@@ -139,7 +140,14 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         self._check_classes()
         fractions = hp.silence_percentage / 100.0, hp.unknown_percentage / 100.0
         known, unknown = self._known_and_unknown("training")
-        self.train_sampler = TFStyleSampler(known, unknown, *fractions, seed=hp.seed)
+        self.train_sampler = TFStyleSampler(
+            known,
+            unknown,
+            *fractions,
+            seed=hp.seed,
+            known_targets=self.clip_targets()[known],
+            balance_keywords=hp.balance_keywords,
+        )
         for offset, split in enumerate(("validation", "testing")):
             items = fixed_selection(*self._known_and_unknown(split), *fractions, seed=hp.seed + offset)
             silence = items == SILENCE_ITEM

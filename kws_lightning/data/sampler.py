@@ -29,17 +29,33 @@ def composition_sizes(num_known: int, silence_fraction: float, unknown_fraction:
     return round(num_known / rest * silence_fraction), round(num_known / rest * unknown_fraction)
 
 
-def draw_unknown(unknown_ids: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` unknown clips: whole shuffled passes over the pool, so no clip repeats before all are used."""
+def draw_cycled(ids: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` items of `ids` in whole shuffled passes, so none repeats before all are used."""
     if count == 0:
         return np.zeros(0, np.int64)
-    if len(unknown_ids) == 0:
+    passes = -(-count // len(ids))
+    return np.concatenate([rng.permutation(ids) for _ in range(passes)])[:count].astype(np.int64)
+
+
+def draw_unknown(unknown_ids: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` unknown clips, cycling through the pool."""
+    if count and len(unknown_ids) == 0:
         raise ValueError(
             "the unknown class is empty (no non-keyword word folders in this split): add other words, "
             "or set data.unknown_percentage=0"
         )
-    passes = -(-count // len(unknown_ids))
-    return np.concatenate([rng.permutation(unknown_ids) for _ in range(passes)])[:count].astype(np.int64)
+    return draw_cycled(unknown_ids, count, rng)
+
+
+def balanced_keywords(
+    known_ids: np.ndarray, known_targets: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Every keyword as often as the most frequent one: a scarce class (on/off in the dev set) cycles
+    through all of its clips, repeating some, instead of being seen 3x less often."""
+    classes, counts = np.unique(known_targets, return_counts=True)
+    return np.concatenate(
+        [draw_cycled(known_ids[known_targets == c], int(counts.max()), rng) for c in classes]
+    )
 
 
 def draw_epoch(
@@ -48,8 +64,14 @@ def draw_epoch(
     silence_fraction: float,
     unknown_fraction: float,
     rng: np.random.Generator,
+    known_targets: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One epoch's items (clip ids, SILENCE_ITEM for silence), shuffled."""
+    """One epoch's items (clip ids, SILENCE_ITEM for silence), shuffled.
+
+    With `known_targets` (the class of each known clip) the keywords are balanced (`balanced_keywords`).
+    """
+    if known_targets is not None:
+        known_ids = balanced_keywords(np.asarray(known_ids, np.int64), np.asarray(known_targets), rng)
     silence_num, unknown_num = composition_sizes(len(known_ids), silence_fraction, unknown_fraction)
     items = np.concatenate(
         [
@@ -66,6 +88,8 @@ class TFStyleSampler(Sampler[int]):
 
     With `num_replicas` > 1 each rank takes a disjoint, equal-sized shard of the same epoch draw
     (padded by wrapping around, as DistributedSampler does), so proportions hold overall.
+    With `balance_keywords` (and `known_targets`, the class of each known clip) every keyword appears
+    as often as the most frequent one.
     """
 
     def __init__(
@@ -77,16 +101,25 @@ class TFStyleSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        known_targets: np.ndarray | None = None,
+        balance_keywords: bool = False,
     ) -> None:
+        if balance_keywords and known_targets is None:
+            raise ValueError("balance_keywords needs known_targets (the class of each known clip)")
         self.known_ids = np.asarray(known_ids, np.int64)
+        self.known_targets = np.asarray(known_targets) if balance_keywords else None
         self.unknown_ids = np.asarray(unknown_ids, np.int64)
         self.silence_fraction = silence_fraction
         self.unknown_fraction = unknown_fraction
         self.seed = seed
         self.epoch = 0
         self.skip_next = 0  # items of the current epoch already consumed before a resume
-        silence_num, unknown_num = composition_sizes(len(self.known_ids), silence_fraction, unknown_fraction)
-        self.epoch_size = len(self.known_ids) + silence_num + unknown_num
+        num_known = len(self.known_ids)
+        if self.known_targets is not None:
+            counts = np.unique(self.known_targets, return_counts=True)[1]
+            num_known = int(counts.max()) * len(counts)
+        silence_num, unknown_num = composition_sizes(num_known, silence_fraction, unknown_fraction)
+        self.epoch_size = num_known + silence_num + unknown_num
         self.set_world(num_replicas, rank)
 
     def set_world(self, num_replicas: int, rank: int) -> None:
@@ -103,7 +136,14 @@ class TFStyleSampler(Sampler[int]):
         """All ranks' items for `epoch` (default: the current one), before sharding."""
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch])
-        return draw_epoch(self.known_ids, self.unknown_ids, self.silence_fraction, self.unknown_fraction, rng)
+        return draw_epoch(
+            self.known_ids,
+            self.unknown_ids,
+            self.silence_fraction,
+            self.unknown_fraction,
+            rng,
+            self.known_targets,
+        )
 
     def shard(self, items: np.ndarray) -> np.ndarray:
         padded = np.resize(items, self.shard_size * self.num_replicas)
