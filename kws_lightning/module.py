@@ -1,4 +1,10 @@
-"""The LightningModule: cross-entropy, accuracy, optimiser and schedule; the model itself is `KWSModel`."""
+"""The LightningModule: loss, accuracy, optimiser and schedule; the model itself is `KWSModel`.
+
+Training-only recipe knobs live in their own files and are handed in ready-made: `SpecAugment`
+(kws_lightning/spec_augment.py, between the front end and the network), `Mixup` (kws_lightning/mixup.py,
+on the waves and targets), the training loss (conf/loss/, e.g. label smoothing). Weight averaging (EMA,
+SWA) are callbacks.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from torch.optim import Optimizer
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kws_lightning.mixup import Mixup
+
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., Any]
 
@@ -29,6 +37,12 @@ class KWSLightningModule(pl.LightningModule):
     `labels` (class names by index), `config` (the resolved run config, plain containers), `sample_rate`
     and `clip_samples` (what the model expects as input) go into the checkpoint's hyper-parameters so a
     checkpoint alone rebuilds the model and names its outputs.
+
+    Training only: `loss` (default plain cross-entropy; e.g. ``nn.CrossEntropyLoss(label_smoothing=0.1)``),
+    `spec_augment` (a module on the features, applied as frontend -> spec_augment -> net, so the model,
+    its checkpoints and exports never contain it; needs the model's `frontend` and `net`) and `mixup`
+    (training accuracy is then measured against each mixed clip's dominant label). Validation and test
+    always report the plain cross-entropy of the unaugmented model, comparable across recipes.
     """
 
     def __init__(
@@ -40,14 +54,25 @@ class KWSLightningModule(pl.LightningModule):
         config: Mapping[str, Any] | None = None,
         sample_rate: int = 16000,
         clip_samples: int = 16000,
+        loss: nn.Module | None = None,
+        spec_augment: nn.Module | None = None,
+        mixup: Mixup | None = None,
     ) -> None:
         super().__init__()
         # The modules and factories are rebuilt from `config`; saving them would pickle code objects.
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss", "spec_augment", "mixup"])
         self.hparams["labels"] = list(labels)
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.train_criterion = loss if loss is not None else nn.CrossEntropyLoss()
+        self.spec_augment = spec_augment
+        self.mixup = mixup
+        if spec_augment is not None and not (hasattr(model, "frontend") and hasattr(model, "net")):
+            raise ValueError(
+                "spec_augment needs a model with `frontend` and `net` (a KWSModel) to mask the features "
+                f"between them; got {type(model).__name__}"
+            )
 
         num_classes = len(labels)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -72,11 +97,24 @@ class KWSLightningModule(pl.LightningModule):
         logits = self(waves)
         return F.cross_entropy(logits, targets), logits.argmax(dim=1)
 
+    def _training_logits(self, waves: torch.Tensor) -> torch.Tensor:
+        if self.spec_augment is None:
+            return self(waves)
+        return self.model.net(self.spec_augment(self.model.frontend(waves)))
+
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> dict[str, torch.Tensor]:
-        loss, preds = self._shared_step(batch)
-        targets = batch[1]
+        waves, targets = batch
+        if self.mixup is not None:
+            mixed = self.mixup(waves, targets)
+            logits = self._training_logits(mixed.waves)
+            loss = mixed.loss(self.train_criterion, logits)
+            targets = mixed.dominant_targets
+        else:
+            logits = self._training_logits(waves)
+            loss = self.train_criterion(logits, targets)
+        preds = logits.argmax(dim=1)
         batch_acc = self.train_acc(preds, targets)
         self.train_loss(loss, weight=len(preds))
         # Per-step values under the plain names, epoch means under *_epoch (one tag each in TensorBoard).

@@ -32,7 +32,18 @@ register_resolvers()
 log = logging.getLogger(__name__)
 
 # The keys of the config that describe the experiment (the HParams view and the checkpoint record them).
-HPARAM_GROUPS = ("data", "feature", "augment", "model", "optimizer", "scheduler", "trainer")
+HPARAM_GROUPS = (
+    "data",
+    "feature",
+    "augment",
+    "spec_augment",
+    "mixup",
+    "loss",
+    "model",
+    "optimizer",
+    "scheduler",
+    "trainer",
+)
 # Printed at the end and written to the HParams view (as hp/<name>).
 FINAL_METRICS = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss")
 
@@ -62,6 +73,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     record = {key: to_plain(cfg.get(key)) for key in HPARAM_GROUPS}
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    # Training-only knobs; an empty group choice (spec_augment=none, mixup=none) switches one off.
     module = KWSLightningModule(
         model=model,
         labels=datamodule.labels,
@@ -70,6 +82,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         config=record,
         sample_rate=datamodule.sample_rate,
         clip_samples=datamodule.clip_samples,
+        loss=instantiate(cfg.loss) if cfg.get("loss") else None,
+        spec_augment=instantiate(cfg.spec_augment) if cfg.get("spec_augment") else None,
+        mixup=instantiate(cfg.mixup) if cfg.get("mixup") else None,
     )
 
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")

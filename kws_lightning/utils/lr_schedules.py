@@ -50,10 +50,27 @@ def _validate_schedule(schedule: Sequence[Sequence[float]]) -> list[tuple[int, f
 
 
 def warmup_cosine(
-    optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    warmup_fraction: float | None = None,
 ) -> LambdaLR:
     """Linear warm-up from 0 to the optimiser's lr over `warmup_steps`, then a half cosine down to
-    ``min_lr_ratio * lr`` at `total_steps`."""
+    ``min_lr_ratio * lr`` at `total_steps`.
+
+    `warmup_fraction` gives the warm-up as a share of the run instead (papers state it in epochs, e.g.
+    BC-ResNet's 5 of 200 = 0.025): round(warmup_fraction * total_steps) steps; set warmup_steps to 0 then.
+    """
+    if warmup_fraction is not None:
+        if warmup_steps:
+            raise ValueError(
+                f"cosine schedule got warmup_steps={warmup_steps} and warmup_fraction={warmup_fraction}: "
+                "set one of them (scheduler.warmup_steps=0 to use the fraction)"
+            )
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"scheduler.warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        warmup_steps = round(warmup_fraction * total_steps)
     if total_steps < 1 or not 0 <= warmup_steps < total_steps:
         raise ValueError(
             f"cosine schedule needs 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps}); "
