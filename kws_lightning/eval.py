@@ -37,15 +37,6 @@ class EvalSet:
     description: str
 
 
-def checkpoint_paths(value: Any) -> list[str]:
-    """`ckpt_path` as a list: one path, or a list of them (an ensemble)."""
-    if value is None or value == "":
-        raise ValueError("ckpt_path is required: ckpt_path=logs/train/runs/<stamp>/checkpoints/<name>.ckpt")
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]
-
-
 def datamodule_test_set(
     predictor: Any, cache_dir: str, batch_size: int, num_workers: int, data_root: str | None = None
 ) -> EvalSet:
@@ -60,6 +51,12 @@ def datamodule_test_set(
     data_cfg.update(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)
     if data_root is not None:
         data_cfg["root"] = data_root
+    root = data_cfg.get("root")
+    if root is not None and not Path(root).expanduser().is_dir():
+        raise ValueError(
+            f"the checkpoint's data root {root} is not a folder from {Path.cwd()} (relative roots are "
+            "relative to where training was launched): pass data_root=PATH, or score a folder with input=DIR"
+        )
     datamodule = instantiate(data_cfg, _convert_="all")
     if datamodule.labels != predictor.labels:
         raise ValueError(
@@ -113,7 +110,9 @@ def folder_test_set(
     if layout == "test":
         root = Path(folder).expanduser().resolve()
         special = {TEST_SET_SILENCE_DIR, TEST_SET_UNKNOWN_DIR}
-        words = [d.name for d in root.iterdir() if d.is_dir() and d.name not in special and any(d.glob("*.wav"))]
+        words = [
+            d.name for d in root.iterdir() if d.is_dir() and d.name not in special and any(d.glob("*.wav"))
+        ]
         check_keywords(words, predictor.keywords, root)
         clips = index_test_layout(root, predictor.keywords).clips
         description = f"{root} (official test-set layout)"
@@ -149,7 +148,9 @@ def folder_test_set(
         num_workers=num_workers,
     )
     skipped = len(clips) - len(ok)
-    return EvalSet(names, loader, description + (f", {skipped} unreadable clip(s) skipped" if skipped else ""))
+    return EvalSet(
+        names, loader, description + (f", {skipped} unreadable clip(s) skipped" if skipped else "")
+    )
 
 
 def score(predictor: Any, eval_set: EvalSet, tta: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +259,7 @@ def format_report(metrics: dict[str, Any]) -> str:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score, print, and write the report files into `cfg.paths.output_dir`. Returns the metrics."""
-    from kws_lightning.inference import Predictor, TTAConfig
+    from kws_lightning.inference import Predictor, TTAConfig, checkpoint_paths
 
     predictor = Predictor.from_checkpoints(checkpoint_paths(cfg.ckpt_path), cfg.device)
     if cfg.get("input"):
@@ -280,7 +281,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     matrix = confusion_matrix(targets, probs.argmax(axis=1), len(predictor.labels))
     write_confusion(matrix, predictor.labels, out_dir)
-    wrong = write_misclassified(eval_set.names, targets, probs, predictor.labels, out_dir / "misclassified.csv")
+    wrong = write_misclassified(
+        eval_set.names, targets, probs, predictor.labels, out_dir / "misclassified.csv"
+    )
 
     print(f"data: {eval_set.description}")
     print(format_report(metrics))

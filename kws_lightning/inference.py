@@ -53,6 +53,17 @@ class TTAConfig:
         )
 
 
+def checkpoint_paths(value: Any) -> list[str]:
+    """A `ckpt_path` setting as a list: one path, or a list of them (an ensemble)."""
+    if value is None or value == "":
+        raise CheckpointError(
+            "ckpt_path is required: ckpt_path=logs/<task>/runs/<stamp>/checkpoints/<name>.ckpt"
+        )
+    if isinstance(value, str | Path):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto`` = the GPU when there is one, else the CPU; anything else as torch spells it."""
     if str(name) == "auto":
@@ -99,7 +110,9 @@ def load_checkpoint_model(
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: its weights do not fit the model its config describes: {error}") from None
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its config describes: {error}"
+        ) from None
     return model.to(resolve_device(device)).eval(), hparams
 
 
@@ -217,7 +230,9 @@ class Predictor:
             ok = batch["lengths"] > 0
             if ok.any():
                 rows = batch["index"][ok].numpy()
-                probs[rows] = self.posteriors_int16(batch["waves"][ok], batch["lengths"][ok], tta).cpu().numpy()
+                probs[rows] = (
+                    self.posteriors_int16(batch["waves"][ok], batch["lengths"][ok], tta).cpu().numpy()
+                )
         return probs, errors
 
 

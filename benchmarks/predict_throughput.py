@@ -1,0 +1,110 @@
+"""Kaggle-scale throughput of `Predictor.predict_files`, the path `kws_lightning.predict` runs.
+
+Writes N synthetic 1 s PCM16 WAV files (noise plus a tone) to a temporary folder, then times the whole
+path: DataLoader workers decoding a batch per task, centred pad / crop, the model on whole batches.
+Also times decoding alone and the model alone, to show which one limits. Prints one figure per line
+(``name: value unit``) and the extrapolated time for Kaggle's 158,538 test clips.
+
+    python benchmarks/predict_throughput.py [--ckpt CKPT | --model cnn_trad_pool2 --feature mfcc]
+        [--clips 5000] [--batch 64] [--workers 2] [--threads 0] [--tta]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+
+from kws_lightning.inference import Predictor, TTAConfig, iterate_file_batches
+from kws_lightning.labels import make_labels
+
+KAGGLE_TEST_CLIPS = 158_538
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def untrained_predictor(model: str, feature: str) -> Predictor:
+    """A model from conf/model/<model>.yaml and conf/feature/<feature>.yaml: speed needs no training."""
+    from kws_lightning.utils.instantiate import build_kws_model
+
+    labels = make_labels()
+    net = build_kws_model(
+        OmegaConf.load(CONF / "feature" / f"{feature}.yaml"),
+        OmegaConf.load(CONF / "model" / f"{model}.yaml"),
+        len(labels),
+    )
+    return Predictor([net.eval()], labels, 16000, 16000)
+
+
+def write_clips(folder: Path, count: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    paths = []
+    for k in range(count):
+        wave = 0.05 * rng.standard_normal(16000) + 0.2 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t)
+        path = folder / f"clip_{k:06d}.wav"
+        sf.write(path, np.clip(wave, -1, 1), 16000, subtype="PCM_16")
+        paths.append(str(path))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", help="a checkpoint; default: an untrained --model on --feature")
+    parser.add_argument("--model", default="cnn_trad_pool2")
+    parser.add_argument("--feature", default="mfcc")
+    parser.add_argument("--clips", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (5 views per clip)")
+    args = parser.parse_args()
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    predictor = (
+        Predictor.from_checkpoints(args.ckpt, "cpu")
+        if args.ckpt
+        else untrained_predictor(args.model, args.feature)
+    )
+    tta = TTAConfig() if args.tta else None
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_clips(Path(tmp), args.clips)
+        warm = predictor.predict_files(paths[: args.batch], args.batch, 0, tta)  # one-off allocations
+        assert not np.isnan(warm[0]).any()
+
+        started = time.perf_counter()
+        for _ in iterate_file_batches(paths, 16000, args.batch, args.workers):
+            pass
+        decode = args.clips / (time.perf_counter() - started)
+
+        waves = torch.from_numpy(
+            np.random.default_rng(1).normal(0, 0.1, (args.batch, 16000)).astype(np.float32)
+        )
+        lengths = torch.full((args.batch,), 16000)
+        started = time.perf_counter()
+        rounds = max(1, args.clips // args.batch // 4)
+        for _ in range(rounds):
+            predictor.posteriors_int16((waves * 32767).to(torch.int16), lengths, tta)
+        model = rounds * args.batch / (time.perf_counter() - started)
+
+        started = time.perf_counter()
+        probs, errors = predictor.predict_files(paths, args.batch, args.workers, tta)
+        seconds = time.perf_counter() - started
+    assert not errors and not np.isnan(probs).any()
+    rate = args.clips / seconds
+    threads = torch.get_num_threads()
+    print(f"setup: {args.clips} clips, batch {args.batch}, {args.workers} workers, {threads} threads")
+    print(f"predict_clips_per_s: {rate:.0f} clips/s")
+    print(f"decode_only_clips_per_s: {decode:.0f} clips/s")
+    print(f"model_only_clips_per_s: {model:.0f} clips/s")
+    print(f"kaggle_test_set_{KAGGLE_TEST_CLIPS}_clips: {KAGGLE_TEST_CLIPS / rate / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
