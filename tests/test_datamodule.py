@@ -120,3 +120,11 @@ def test_real_dev_set_epoch_composition(tmp_path):
     assert (lengths < 16000).sum() == 449 and (lengths > 0).all()
     batch = next(iter(dm.val_dataloader()))
     assert dm.to_model_input(batch, train=False).shape == (128, 16000)
+
+
+def test_recorded_paths_are_absolute(tmp_path, monkeypatch):
+    root = make_training_tree(tmp_path / "sc", WORDS)
+    monkeypatch.chdir(tmp_path)
+    dm = SpeechCommandsDataModule(root="sc", cache_dir="cache")
+    assert dm.hparams.root == str(root.resolve())
+    assert dm.hparams.cache_dir == str((tmp_path / "cache").resolve())

@@ -76,6 +76,9 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         super().__init__()
         if root is None and synthetic is None:
             raise ValueError("no data: set data.root=PATH to a Speech Commands folder, or use data=synthetic")
+        # Absolute paths: checkpoints record them, and eval / predict may run from another directory.
+        root = None if root is None else str(Path(root).expanduser().resolve())
+        cache_dir = str(Path(cache_dir or DEFAULT_CACHE_DIR).expanduser().resolve())
         self.save_hyperparameters(logger=False)
         self.keywords = list(keywords)
         self.labels = make_labels(self.keywords)
@@ -83,7 +86,7 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         self.sample_rate = sample_rate
         self.clip_samples = int(round(sample_rate * clip_duration_s))
         self.augment = AugmentConfig.from_mapping(augment)
-        self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
+        self.cache_dir = Path(cache_dir)
         self.dataset: IndexedDataset | None = None
         self.cache: WaveCache | None = None
         self._prepared: tuple[IndexedDataset, WaveCache] | None = None  # prepare_data's result, for setup
