@@ -28,16 +28,6 @@ MFCC_SHAPE = (1, 101, 40)
 ZOO = ["res15", "res8", "res8_narrow", "ds_cnn", "tc_resnet8", "tc_resnet14", "matchboxnet", "bc_resnet"]
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # These are many small convolutions on a shared 2-core machine: with two OpenMP threads competing
-    # with other processes the file ran 10x slower (50 s vs 4 s). Restored after each test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from training_helpers import RepeatBatch, compose_train
 
 from kws_lightning.callbacks import LastCheckpoint
 from kws_lightning.callbacks.console_table import COLUMNS, ConsoleTable
@@ -24,24 +24,6 @@ from kws_lightning.utils.lr_schedules import PiecewiseConstantLR, warmup_cosine
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 LABELS = make_labels(["yes", "no"])  # 4 classes
-
-
-def compose_train(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
-class RepeatBatch(Dataset):
-    """The same (waves, targets) batch `length` times; a DataLoader with batch_size=None yields it as is."""
-
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
-        self.batch, self.length = batch, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batch
 
 
 def tone_batch(per_class: int = 4, num_samples: int = 16000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from training_helpers import RepeatBatch, compose_train
 
 from kws_lightning.callbacks import EMA, LastCheckpoint
 from kws_lightning.callbacks.ema import RAW_WEIGHTS_KEY
@@ -32,33 +32,6 @@ from kws_lightning.utils.sweep_job import register_resolvers
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LABELS = make_labels(["yes", "no"])  # 4 classes
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.batch_size=16"]
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # Small tensors on a shared 2-core machine: one thread is faster and steadier. Restored after each test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_train(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
-class RepeatBatch(Dataset):
-    """The same batch `length` times (a DataLoader with batch_size=None yields it as is)."""
-
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
-        self.batch, self.length = batch, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batch
 
 
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:

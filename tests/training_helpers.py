@@ -1,0 +1,31 @@
+"""Helpers shared by the in-process training tests: compose the train config, repeat a fixed batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    """conf/train.yaml with `overrides`, as `python -m kws_lightning.train` would compose it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+class RepeatBatch(Dataset):
+    """The same (waves, targets) batch `length` times; a DataLoader with batch_size=None yields it as is."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
