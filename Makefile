@@ -25,12 +25,12 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check kws_lightning tests benchmarks
-	$(BIN)/ruff format --check kws_lightning tests benchmarks
+	$(BIN)/ruff check kws_lightning tests benchmarks experiments
+	$(BIN)/ruff format --check kws_lightning tests benchmarks experiments
 
 format: venv
-	$(BIN)/ruff format kws_lightning tests benchmarks
-	$(BIN)/ruff check --fix kws_lightning tests benchmarks
+	$(BIN)/ruff format kws_lightning tests benchmarks experiments
+	$(BIN)/ruff check --fix kws_lightning tests benchmarks experiments
 
 tensorboard: venv
 	$(BIN)/tensorboard --logdir logs
