@@ -371,6 +371,10 @@ def test_ema_weights_are_validated_and_saved_for_inference(tmp_path: Path) -> No
         torch.testing.assert_close(saved[RAW_WEIGHTS_KEY]["model." + key], raw[key])
     restored = KWSLightningModule.from_checkpoint(best.best_model_path)
     torch.testing.assert_close(restored.model.state_dict()[name], average[name])
+    # train.py's trainer.test(ckpt_path=best) runs with the EMA callback attached (Lightning restores
+    # callbacks for test too): it must score the average, as eval and export do, not the raw weights.
+    trainer.test(module, dataloaders=loader(batch, 1), ckpt_path=best.best_model_path, verbose=False)
+    torch.testing.assert_close(module.model.state_dict()[name], average[name])
 
 
 def fit_with_ema(tmp_path: Path, max_steps: int, ckpt_path: str | None = None) -> dict:

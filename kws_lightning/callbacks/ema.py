@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
 # Top-level checkpoint key holding the raw (trained, not averaged) weights, for resuming.
@@ -146,8 +147,12 @@ class EMA(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # Lightning calls this when resuming a fit only, after loading checkpoint["state_dict"] (here the
-        # averaged weights) into the module: keep those as the average, put the raw weights back to train on.
+        # Lightning calls this after loading checkpoint["state_dict"] (the averaged weights) into the
+        # module, for fit and also for test/validate/predict. Only a resumed fit puts the raw weights back
+        # to train on; otherwise the average stays, so trainer.test(ckpt_path=...) scores what eval and
+        # export score.
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
         module = getattr(pl_module, self.attribute)
         self._ema = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
         self._swapped = False
