@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SYNTHETIC_CLIPS_PER_WORD, SYNTHETIC_NOISE_SECONDS
+from training_helpers import check_ok
 
 TESTS_DIR = Path(__file__).resolve().parent
 # Tiny and quiet: 4 training steps per process, then one full validation.
@@ -56,13 +57,6 @@ def run_train(
     )
 
 
-def check_ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-    )
-    return result.stdout + result.stderr
-
-
 @pytest.fixture(scope="module")
 def synthetic_root(synthetic_overrides: list[str]) -> Path:
     """The session's synthetic speech folder, used as a plain data.root (so a run can use a fresh cache)."""
@@ -79,20 +73,19 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> d
     """One 2-process run with a fresh (empty) cache folder, so the wave cache is built during the run."""
     cwd = tmp_path_factory.mktemp("ddp")
     run_dir, probe_dir, cache_dir = cwd / "run", cwd / "probe", cwd / "fresh_cache"
-    output = check_ok(
-        run_train(
-            cwd,
-            "data=speech_commands",
-            f"data.root={synthetic_root}",
-            f"paths.cache_dir={cache_dir}",
-            "trainer=ddp_cpu",
-            "trainer.devices=2",
-            *TINY,
-            "+callbacks.probe._target_=ddp_probe.ShardProbe",
-            f"+callbacks.probe.out_dir={probe_dir}",
-            f"hydra.run.dir={run_dir}",
-        )
+    run = run_train(
+        cwd,
+        "data=speech_commands",
+        f"data.root={synthetic_root}",
+        f"paths.cache_dir={cache_dir}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        *TINY,
+        "+callbacks.probe._target_=ddp_probe.ShardProbe",
+        f"+callbacks.probe.out_dir={probe_dir}",
+        f"hydra.run.dir={run_dir}",
     )
+    output = check_ok(run) + run.stderr  # stderr: the logging (cache built / loaded)
     ranks = [json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     result = json.loads((run_dir / "job_result.json").read_text())
     return {"run_dir": run_dir, "cache_dir": cache_dir, "ranks": ranks, "result": result, "output": output}
@@ -175,19 +168,18 @@ def test_sweep_over_device_counts(tmp_path: Path, synthetic_overrides: list[str]
     """`-m trainer.devices=1,2`: each job runs as a single run in its own process (Lightning's launcher
     re-runs the command line, which for a sweep would be the whole sweep)."""
     sweep_dir = tmp_path / "sweep"
-    output = check_ok(
-        run_train(
-            tmp_path,
-            *synthetic_overrides,
-            "trainer=ddp_cpu",
-            "trainer.devices=1,2",
-            *TINY,
-            "trainer.limit_val_batches=2",
-            f"hydra.sweep.dir={sweep_dir}",
-            multirun=True,
-            timeout=300,
-        )
+    run = run_train(
+        tmp_path,
+        *synthetic_overrides,
+        "trainer=ddp_cpu",
+        "trainer.devices=1,2",
+        *TINY,
+        "trainer.limit_val_batches=2",
+        f"hydra.sweep.dir={sweep_dir}",
+        multirun=True,
+        timeout=300,
     )
+    output = check_ok(run) + run.stderr  # stderr: the logging (cache built / loaded)
     results = [json.loads((sweep_dir / str(job) / "job_result.json").read_text()) for job in (0, 1)]
     assert [r["status"] for r in results] == ["ok", "ok"], results
     assert [r["world_size"] for r in results] == [1, 2]

@@ -6,14 +6,13 @@ import math
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
-from training_helpers import RepeatBatch, compose_train
+from training_helpers import RepeatBatch, compose_train, make_trainer
 
 from kws_lightning.callbacks import LastCheckpoint
 from kws_lightning.callbacks.console_table import COLUMNS, ConsoleTable
@@ -35,19 +34,6 @@ def tone_batch(per_class: int = 4, num_samples: int = 16000) -> tuple[torch.Tens
     waves = 0.5 * torch.sin(2 * math.pi * 300.0 * (targets[:, None] + 1) * t + phase)
     waves = waves + 0.01 * torch.randn(waves.shape, generator=generator)
     return waves.float(), targets
-
-
-def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def linear_module(optimizer_cfg: DictConfig, scheduler_cfg: DictConfig | None) -> KWSLightningModule:

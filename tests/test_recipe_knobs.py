@@ -9,7 +9,6 @@ import random
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +16,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from training_helpers import RepeatBatch, compose_train
+from training_helpers import RepeatBatch, compose_train, make_trainer
 
 from kws_lightning.callbacks import EMA, LastCheckpoint
 from kws_lightning.callbacks.ema import RAW_WEIGHTS_KEY
@@ -32,19 +31,6 @@ from kws_lightning.utils.sweep_job import register_resolvers
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LABELS = make_labels(["yes", "no"])  # 4 classes
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.batch_size=16"]
-
-
-def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def linear_module(lr: float = 0.5, **kwargs) -> KWSLightningModule:

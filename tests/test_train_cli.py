@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from training_helpers import check_ok
 
 # Quiet, small and fast; every run writes under tmp_path only (cwd, run dir and log dir).
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.batch_size=16"]
@@ -23,13 +24,6 @@ def run_train(cwd: Path, *overrides: str, timeout: float = 300) -> subprocess.Co
         text=True,
         timeout=timeout,
     )
-
-
-def check_ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
-    return result.stdout
 
 
 def final_lines(stdout: str) -> dict[str, str]:

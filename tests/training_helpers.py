@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -29,3 +31,26 @@ class RepeatBatch(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batch
+
+
+def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer writing under `tmp_path`; `kwargs` override the defaults."""
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def check_ok(result: subprocess.CompletedProcess) -> str:
+    """A CLI run's stdout (its last lines name the run dir and best checkpoint); on failure, the exit
+    code and both streams' tails in the message."""
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    )
+    return result.stdout
