@@ -11,8 +11,8 @@ from kws_lightning.data.augment import (
     mix_noise,
     prepare_batch,
     random_starts,
+    shift_amounts,
     synthesize_silence,
-    time_shift,
     window,
 )
 
@@ -50,13 +50,13 @@ def test_random_placement_keeps_clip_contiguous_and_covers_range():
 def test_time_shift_bounds_and_probability():
     torch.manual_seed(0)
     x = torch.arange(1, 101, dtype=torch.float32).repeat(4000, 1)
-    shifted = time_shift(x, max_shift=20, p=0.5)
+    shifted = window(x, -shift_amounts(len(x), 20, 0.5, x.device), x.shape[1])
     unchanged = (shifted == x).all(dim=1)
     assert 0.45 < unchanged.float().mean() < 0.56  # p=0.5, plus the 1/41 zero shifts
     first_nonzero = shifted[~unchanged].ne(0).float().argmax(dim=1)
     shift_amount = shifted[~unchanged].max(dim=1).values  # right shift drops the tail
     assert first_nonzero.max() <= 20 and shift_amount.min() >= 80
-    assert torch.equal(time_shift(x, 0, 0.5), x)
+    assert torch.equal(window(x, -shift_amounts(len(x), 0, 0.5, x.device), x.shape[1]), x)
 
 
 def test_train_shift_is_zero_filled_and_keeps_short_clips_whole():

@@ -109,11 +109,6 @@ def shift_amounts(batch: int, max_shift: int, p: float, device: torch.device) ->
     return torch.where(torch.rand(batch, device=device) < p, shifts, torch.zeros_like(shifts))
 
 
-def time_shift(x: torch.Tensor, max_shift: int, p: float) -> torch.Tensor:
-    """Shift each row right (positive) or left by up to `max_shift` samples with probability p, zero fill."""
-    return window(x, -shift_amounts(len(x), max_shift, p, x.device), x.shape[1])
-
-
 class NoiseBank:
     """Background-noise recordings (int16, end to end) from which random `slice_length` slices are cut.
 

@@ -156,12 +156,6 @@ class TFStyleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.shard_size
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
-
 
 def fixed_selection(
     known_ids: np.ndarray,
