@@ -3,7 +3,8 @@
 Applied by the LightningModule between the front end and the network (frontend -> SpecAugment -> net), so
 `KWSModel`, its checkpoints and its exports stay frontend + net: masking can never leak into inference.
 Time warping, the paper's third policy, is left out: it costs a resampling per clip and adds little on
-1 s keyword clips.
+1 s keyword clips. Optional cut-out rectangles (DeVries & Taylor 2017, "Cutout") follow NVIDIA NeMo's
+`SpecCutout` (nemo/collections/asr/parts/submodules/spectr_augment.py), which MatchboxNet trains with.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ MEAN = "mean"
 
 class SpecAugment(nn.Module):
     """Per example: `freq_masks` bands of 0..`freq_width` bins and `time_masks` bands of 0..`time_width`
-    frames, each width and start drawn independently (a width of 0 masks nothing), set to `mask_value`.
+    frames, each width and start drawn independently (a width of 0 masks nothing), and `rect_masks`
+    rectangles of 0..`rect_time` frames x 0..`rect_freq` bins (NeMo's SpecCutout: each side's start uniform
+    in 0..size - max side, so a rectangle always fits, and its sides uniform in 0..max), all set to
+    `mask_value`. `rect_masks=0` (the default) draws no rectangles and no random numbers for them.
 
     Input and output are features (B, C, T, F). In eval mode (validation, test, export) it is the
     identity. All masks of a batch are drawn at once on the features' device (no loop over examples).
@@ -39,6 +43,9 @@ class SpecAugment(nn.Module):
         time_masks: int = 2,
         time_width: int = 10,
         mask_value: str | float = MEAN,
+        rect_masks: int = 0,
+        rect_time: int = 0,
+        rect_freq: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -46,6 +53,9 @@ class SpecAugment(nn.Module):
             ("freq_width", freq_width),
             ("time_masks", time_masks),
             ("time_width", time_width),
+            ("rect_masks", rect_masks),
+            ("rect_time", rect_time),
+            ("rect_freq", rect_freq),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"spec_augment.{name} must be an integer >= 0, got {value!r}")
@@ -54,11 +64,13 @@ class SpecAugment(nn.Module):
         self.freq_masks, self.freq_width = freq_masks, freq_width
         self.time_masks, self.time_width = time_masks, time_width
         self.mask_value = mask_value
+        self.rect_masks, self.rect_time, self.rect_freq = rect_masks, rect_time, rect_freq
 
     def extra_repr(self) -> str:
         return (
             f"freq_masks={self.freq_masks}, freq_width={self.freq_width}, time_masks={self.time_masks}, "
-            f"time_width={self.time_width}, mask_value={self.mask_value!r}"
+            f"time_width={self.time_width}, rect_masks={self.rect_masks}, rect_time={self.rect_time}, "
+            f"rect_freq={self.rect_freq}, mask_value={self.mask_value!r}"
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -73,6 +85,11 @@ class SpecAugment(nn.Module):
         time_mask = band_mask(batch, frames, self.time_masks, self.time_width, features.device)
         freq_mask = band_mask(batch, bins, self.freq_masks, self.freq_width, features.device)
         mask = time_mask[:, None, :, None] | freq_mask[:, None, None, :]  # (B, 1, T, F)
+        if self.rect_masks and self.rect_time and self.rect_freq:
+            rects = rect_mask(
+                batch, frames, bins, self.rect_masks, self.rect_time, self.rect_freq, features.device
+            )
+            mask = mask | rects[:, None]
         if self.mask_value == MEAN:
             fill = features.mean(dim=2, keepdim=True)  # (B, C, 1, F): each clip's average per bin
         else:
@@ -89,3 +106,22 @@ def band_mask(batch: int, size: int, count: int, max_width: int, device: torch.d
     widths = torch.randint(0, min(max_width, size) + 1, (batch, count, 1), device=device)
     starts = (torch.rand(batch, count, 1, device=device) * (size - widths + 1)).long()
     return ((positions >= starts) & (positions < starts + widths)).any(dim=1)
+
+
+def rect_mask(
+    batch: int, frames: int, bins: int, count: int, max_time: int, max_freq: int, device: torch.device
+) -> torch.Tensor:
+    """(batch, frames, bins) bool: the union of `count` rectangles per example, NeMo's SpecCutout drawn for
+    the whole batch at once. Per side: start U{0..size - max_side}, length U{0..max_side}, the maximum
+    capped at the axis length (NeMo requires it to fit)."""
+    if count == 0 or max_time == 0 or max_freq == 0 or frames == 0 or bins == 0:
+        return torch.zeros(batch, frames, bins, dtype=torch.bool, device=device)
+    sides = []
+    for size, max_side in ((frames, max_time), (bins, max_freq)):
+        max_side = min(max_side, size)
+        starts = torch.randint(0, size - max_side + 1, (batch, count, 1), device=device)
+        lengths = torch.randint(0, max_side + 1, (batch, count, 1), device=device)
+        positions = torch.arange(size, device=device)
+        sides.append((positions >= starts) & (positions < starts + lengths))  # (batch, count, size)
+    in_time, in_freq = sides
+    return (in_time[:, :, :, None] & in_freq[:, :, None, :]).any(dim=1)

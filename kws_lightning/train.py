@@ -46,10 +46,13 @@ HPARAM_GROUPS = (
 )
 # Printed at the end and written to the HParams view (as hp/<name>).
 FINAL_METRICS = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss")
+# Which weights `test: true` scores: the best checkpoint by val/acc, or the final ones (last.ckpt).
+TEST_WEIGHTS = ("best", "last")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit, then test the best checkpoint. Returns (metrics, objects) for callers and sweepers."""
+    """Fit, then test the checkpoint `test_weights` names. Returns (metrics, objects) for callers and
+    sweepers."""
     # Heavy imports here, not at module level: a config error is then reported in a fraction of a second.
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
@@ -63,6 +66,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # over all DDP processes: Lightning's advice to add sync_dist (a second, averaging reduction) is moot.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/")
 
+    test_weights = cfg.get("test_weights", "best")
+    if test_weights not in TEST_WEIGHTS:
+        raise ValueError(f"test_weights must be one of {TEST_WEIGHTS}, got {test_weights!r}")
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
@@ -98,9 +104,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     best = best_checkpoint(trainer)
     if cfg.get("test"):
-        if not best:
+        tested = test_checkpoint(trainer, test_weights)
+        if not tested:
             print("no checkpoint was saved (fast_dev_run or checkpointing off): testing the current weights")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=tested or None)
         metrics.update(_floats(trainer.callback_metrics))
 
     final = {f"hp/{name.replace('/', '_')}": metrics[name] for name in FINAL_METRICS if name in metrics}
@@ -121,6 +128,19 @@ def best_checkpoint(trainer: Any) -> str:
     """The path the first metric-monitoring ModelCheckpoint kept ('' when none saved)."""
     monitoring = [callback for callback in trainer.checkpoint_callbacks if callback.monitor]
     return monitoring[0].best_model_path if monitoring else ""
+
+
+def test_checkpoint(trainer: Any, weights: str) -> str:
+    """The checkpoint `test_weights` names: "best" (by the monitored metric) or "last" (the final
+    weights, last.ckpt); '' when none was saved."""
+    from kws_lightning.callbacks.last_checkpoint import LastCheckpoint
+
+    if weights == "best":
+        return best_checkpoint(trainer)
+    if weights == "last":
+        latest = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, LastCheckpoint)]
+        return latest[0].best_model_path if latest else ""
+    raise ValueError(f"test_weights must be one of {TEST_WEIGHTS}, got {weights!r}")
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

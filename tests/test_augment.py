@@ -7,6 +7,7 @@ from kws_lightning.data.augment import (
     AugmentConfig,
     NoiseBank,
     SilenceSynth,
+    add_white_noise,
     center_starts,
     mix_noise,
     prepare_batch,
@@ -139,3 +140,61 @@ def test_augment_config_rejects_typos_and_switches_off():
     synth = torch.tensor([False, False])
     train = prepare_batch(waves, lengths, synth, bank, off, train=True)
     assert torch.equal(train, prepare_batch(waves, lengths, synth, bank, off, train=False))
+
+
+def test_white_noise_level_is_drawn_in_the_db_range():
+    torch.manual_seed(0)
+    x = torch.zeros(4000, 16000)
+    noisy = add_white_noise(x, min_db=-90.0, max_db=-46.0, p=1.0)
+    # 16000 samples estimate each clip's standard deviation to ~0.5 %, i.e. its level to ~0.05 dB.
+    level_db = 20 * torch.log10(noisy.square().mean(dim=1).sqrt())
+    assert level_db.min() > -90.2 and level_db.max() < -45.8
+    assert level_db.min() < -89.0 and level_db.max() > -47.0  # the whole range is used ...
+    assert abs(level_db.mean() + 68.0) < 1.0  # ... uniformly in dB: mean (-90 - 46) / 2
+    assert 0.2 < (level_db < -79.0).float().mean() < 0.3  # a quarter below -79 dB
+    # Gaussian, zero mean: about 68 % of samples within one standard deviation.
+    row = noisy[0] / noisy[0].std()
+    assert abs(row.mean()) < 0.05 and 0.66 < (row.abs() < 1).float().mean() < 0.70
+
+
+def test_white_noise_probability_and_clipping():
+    torch.manual_seed(0)
+    noisy = add_white_noise(torch.zeros(2000, 100), min_db=-20.0, max_db=-20.0, p=0.3)
+    touched = (noisy != 0).any(dim=1).float().mean()
+    assert 0.25 < touched < 0.35
+    assert add_white_noise(torch.full((10, 100), 0.99), -10.0, -10.0, p=1.0).max() <= 1.0
+    x = torch.randn(4, 100)
+    assert add_white_noise(x, -90.0, -46.0, p=0.0) is x
+
+
+def test_white_noise_in_prepare_batch_after_noise_mix_not_on_silence():
+    waves, lengths = ramp_batch([16000, 16000, 16000])
+    synth = torch.tensor([False, False, True])
+    bank = NoiseBank([torch.zeros(40000, dtype=torch.int16)])  # noise mix and silence add exact zeros
+    base = {"random_crop": False, "time_shift": {"enabled": False}, "silence": {"p_zero": 0.0}}
+    off = AugmentConfig.from_mapping(base)
+    assert off.white_noise.enabled is False  # the default: batches as before
+    torch.manual_seed(0)
+    plain = prepare_batch(waves, lengths, synth, bank, off, train=True)
+    torch.manual_seed(0)
+    assert torch.equal(plain, prepare_batch(waves, lengths, synth, bank, off, train=True))
+    on = AugmentConfig.from_mapping({**base, "white_noise": {"enabled": True, "min_db": -40, "max_db": -40}})
+    noisy = prepare_batch(waves, lengths, synth, bank, on, train=True)
+    added = noisy[:2] - plain[:2]
+    assert torch.allclose(added.std(dim=1), torch.full((2,), 0.01), rtol=0.03)  # -40 dB = 0.01
+    assert torch.equal(noisy[2], torch.zeros(16000))  # silence rows are synthesised after the noise
+    evaluation = prepare_batch(waves, lengths, synth, bank, on, train=False)
+    assert torch.equal(evaluation, prepare_batch(waves, lengths, synth, bank, off, train=False))  # train only
+
+
+@pytest.mark.parametrize(
+    ("white_noise", "message"),
+    [
+        ({"level": -50}, "augment.white_noise has unknown keys"),
+        ({"min_db": -40, "max_db": -50}, "min_db"),
+        ({"p": 2.0}, "white_noise.p"),
+    ],
+)
+def test_white_noise_config_errors(white_noise, message):
+    with pytest.raises(ValueError, match=message):
+        AugmentConfig.from_mapping({"white_noise": white_noise})

@@ -19,7 +19,7 @@ from kws_lightning.callbacks.console_table import COLUMNS, ConsoleTable
 from kws_lightning.labels import make_labels
 from kws_lightning.module import KWSLightningModule
 from kws_lightning.utils.instantiate import build_kws_model, to_plain
-from kws_lightning.utils.lr_schedules import PiecewiseConstantLR, warmup_cosine
+from kws_lightning.utils.lr_schedules import PiecewiseConstantLR, warmup_cosine, warmup_hold_poly
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 LABELS = make_labels(["yes", "no"])  # 4 classes
@@ -150,6 +150,62 @@ def test_cosine_config_takes_total_steps_from_the_trainer(tmp_path: Path) -> Non
     )
     # total_steps = estimated_stepping_batches = max_steps = 10 optimiser steps (20 batches accumulated by 2).
     expected = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs == pytest.approx(expected)
+
+
+def lrs_of(scheduler_factory, steps: int, lr: float = 0.05) -> list[float]:
+    """The lr in force at each of `steps` optimiser steps (one param group)."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = scheduler_factory(optimizer)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_hold_poly_values_follow_nemo() -> None:
+    """MatchboxNet's NeMo schedule over 1000 steps: W = 50, hold to H = 50 + 450 = 500, decay over 500."""
+    lrs = lrs_of(lambda opt: warmup_hold_poly(opt, total_steps=1000, min_lr=0.001), steps=1002)
+    assert lrs[0] == pytest.approx(0.05 / 51)  # NeMo: lr * (step + 1) / (W + 1)
+    assert lrs[24] == pytest.approx(0.05 * 25 / 51)
+    assert lrs[50] == pytest.approx(0.05)  # peak at step W ...
+    assert lrs[50:501] == pytest.approx([0.05] * 451)  # ... held through step H
+    assert lrs[750] == pytest.approx(0.001 + 0.049 * 0.5**2)  # half-way: (1 - 0.5)^2 of the span
+    assert lrs[999] == pytest.approx(0.001 + 0.049 * (1 / 500) ** 2)  # the last step of the run
+    assert lrs[1000] == lrs[1001] == pytest.approx(0.001)  # min_lr is absolute and is where it stays
+    assert all(a >= b for a, b in zip(lrs[50:], lrs[51:], strict=False))
+    # Steps truncate as NeMo's int(): 0.05 * 30 = 1.5 -> W = 1, 0.45 * 30 = 13.5 -> H = 1 + 13 = 14.
+    short = lrs_of(lambda opt: warmup_hold_poly(opt, total_steps=30, power=1.0), steps=30, lr=0.1)
+    assert short[:3] == pytest.approx([0.05, 0.1, 0.1])
+    assert short[14] == pytest.approx(0.1) and short[22] == pytest.approx(0.1 * (1 - 8 / 16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"warmup_fraction": 1.0}, "scheduler.warmup_fraction"),
+        ({"hold_fraction": -0.1}, "scheduler.hold_fraction"),
+        ({"warmup_fraction": 0.5, "hold_fraction": 0.5}, "below 1"),
+        ({"power": 0.0}, "scheduler.power"),
+        ({"min_lr": 0.5}, "scheduler.min_lr"),
+        ({"total_steps": 0}, "scheduler.total_steps"),
+    ],
+)
+def test_warmup_hold_poly_rejects_bad_settings(kwargs: dict, message: str) -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        warmup_hold_poly(optimizer, **{"total_steps": 100, **kwargs})
+
+
+def test_poly_hold_config_takes_total_steps_from_the_trainer(tmp_path: Path) -> None:
+    lrs = run_schedule(
+        tmp_path, "optimizer.lr=0.1", "scheduler=poly_hold", "scheduler.hold_fraction=0.3", max_steps=20
+    )
+    # total_steps = 20: W = int(1.0) = 1, H = 1 + 6 = 7, then 13 decay steps from 0.1 to min_lr 0.001.
+    expected = [0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    expected += [0.001 + 0.099 * (1 - k / 13) ** 2 for k in range(13)]
     assert lrs == pytest.approx(expected)
 
 

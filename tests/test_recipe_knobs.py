@@ -20,10 +20,13 @@ from training_helpers import RepeatBatch, compose_train, make_trainer
 
 from kws_lightning.callbacks import EMA, LastCheckpoint
 from kws_lightning.callbacks.ema import RAW_WEIGHTS_KEY
-from kws_lightning.labels import make_labels
+from kws_lightning.data.augment import AugmentConfig, NoiseBank, prepare_batch
+from kws_lightning.labels import DEFAULT_KEYWORDS, make_labels
 from kws_lightning.mixup import MixedBatch, Mixup
+from kws_lightning.models.summary import count_parameters
 from kws_lightning.module import KWSLightningModule
-from kws_lightning.spec_augment import SpecAugment, band_mask
+from kws_lightning.optim import NovoGrad
+from kws_lightning.spec_augment import SpecAugment, band_mask, rect_mask
 from kws_lightning.utils.instantiate import build_kws_model, instantiate_named, to_plain
 from kws_lightning.utils.lr_schedules import warmup_cosine
 from kws_lightning.utils.sweep_job import register_resolvers
@@ -115,12 +118,65 @@ def test_band_mask_handles_empty_and_oversized_bands() -> None:
     assert wide.sum(dim=1).max() == 5
 
 
+def test_spec_augment_without_rectangles_draws_the_same_masks_as_before() -> None:
+    """rect_masks=0 (the default), or rectangles of zero extent, leave the band masks and the random stream
+    exactly as they were: the same seed gives bit-identical output."""
+    features = torch.randn(64, 1, 101, 40)
+    bands = dict(freq_masks=2, freq_width=7, time_masks=2, time_width=10, mask_value=-1e4)
+    torch.manual_seed(3)
+    time_mask = band_mask(64, 101, 2, 10, features.device)  # forward's draws, in forward's order
+    freq_mask = band_mask(64, 40, 2, 7, features.device)
+    expected = torch.where(time_mask[:, None, :, None] | freq_mask[:, None, None, :], -1e4, features)
+    next_draw = torch.rand(1)
+    for rects in ({}, {"rect_masks": 0, "rect_time": 25, "rect_freq": 15}, {"rect_masks": 5, "rect_time": 0}):
+        torch.manual_seed(3)
+        out = SpecAugment(**bands, **rects).train()(features)
+        assert torch.equal(out, expected), rects
+        assert torch.equal(torch.rand(1), next_draw), rects  # no extra random numbers drawn
+
+
+def test_spec_augment_rectangles_follow_nemo_spec_cutout() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(3000, 1, 101, 64)
+    one = SpecAugment(freq_masks=0, time_masks=0, rect_masks=1, rect_time=25, rect_freq=15, mask_value=-1e4)
+    mask = sentinel_mask(one.train(), features)  # (B, T, F)
+    frames, bins = mask.any(dim=2), mask.any(dim=1)
+    lengths, heights = frames.sum(dim=1), bins.sum(dim=1)
+    drawn = lengths > 0
+    # Each mask is one full rectangle: its bounding box, nothing outside.
+    assert torch.equal(mask.sum(dim=(1, 2)), lengths * heights)
+    assert torch.equal(mask, frames[:, :, None] & bins[:, None, :])
+    # Sides U{0..25} frames x U{0..15} bins: every size occurs, none larger.
+    assert set(lengths[drawn].tolist()) == set(range(1, 26)) and set(heights[drawn].tolist()) == set(
+        range(1, 16)
+    )
+    # Starts U{0..size - max side} (NeMo's SpecCutout): from the first frame/bin to 101 - 25 and 64 - 15.
+    first_frame = frames.float().argmax(dim=1)[drawn]
+    first_bin = bins.float().argmax(dim=1)[drawn]
+    assert first_frame.min() == 0 and first_frame.max() == 76
+    assert first_bin.min() == 0 and first_bin.max() == 49
+    # Five per example, each drawn for itself: at most 5 x 25 x 15 cells, and different across a batch.
+    five = SpecAugment(freq_masks=0, time_masks=0, rect_masks=5, rect_time=25, rect_freq=15, mask_value=-1e4)
+    mask = sentinel_mask(five.train(), features[:200])
+    area = mask.sum(dim=(1, 2)).float()
+    assert area.max() <= 5 * 25 * 15 and 400 < area.mean() < 500  # E[one] = 12.5 x 7.5; overlaps shave it
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in mask.flatten(1)}) == 200
+    # Evaluation: the identity; the repr names the rectangles.
+    assert five.eval()(features) is features
+    assert "rect_masks=5, rect_time=25, rect_freq=15" in repr(five)
+    # Sides larger than the axis are capped at it (NeMo would fail): starts 0, up to the whole plane.
+    capped = rect_mask(2000, 10, 8, 1, 200, 200, torch.device("cpu"))
+    assert capped.all(dim=2).all(dim=1).any() and not capped[~capped[:, 0, 0]].any()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"freq_width": -1}, "freq_width"),
         ({"time_masks": 1.5}, "time_masks"),
         ({"mask_value": "zero"}, "mean"),
+        ({"rect_masks": -1}, "rect_masks"),
+        ({"rect_time": 2.5}, "rect_time"),
     ],
 )
 def test_spec_augment_rejects_bad_settings(kwargs: dict, message: str) -> None:
@@ -473,7 +529,9 @@ def recipe(name: str) -> DictConfig:
 
 def test_the_recipes_exist() -> None:
     assert set(DEV_RECIPES) <= set(EXPERIMENTS)
-    assert {"bc_resnet_v1_full", "bc_resnet_v2_full"} <= set(FULL_RECIPES)
+    assert {"bc_resnet_v1_full", "bc_resnet_v2_full", "matchboxnet_v1_full", "matchboxnet_v2_full"} <= set(
+        FULL_RECIPES
+    )
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -527,6 +585,104 @@ def test_bc_resnet_and_best_recipes() -> None:
     assert full.task_name == "bc_resnet_v2_full" and full.trainer.accelerator == "gpu"
     assert full.trainer.max_epochs == 200 and full.data.batch_size == 100
     assert full.optimizer.lr == 0.1 and full.scheduler.warmup_fraction == 0.025
+
+
+@pytest.mark.parametrize("name", ["matchboxnet_v1_full", "matchboxnet_v2_full"])
+def test_matchboxnet_full_recipes_follow_nemo(name: str) -> None:
+    """NeMo's examples/asr/conf/matchboxnet/matchboxnet_3x1x64_v1.yaml (and _v2), key by key."""
+    cfg = recipe(name)
+    assert cfg.task_name == name and cfg.trainer.accelerator == "gpu"
+    assert cfg.trainer.max_epochs == 200 and cfg.trainer.max_steps == -1 and cfg.data.batch_size == 128
+    assert (
+        cfg.model.name == "matchboxnet" and list(cfg.model.kernels) == [13, 15, 17] and cfg.model.repeat == 2
+    )
+    assert cfg.model.channels == 64 and cfg.model.dropout == 0.0
+    assert cfg.optimizer._target_ == "kws_lightning.optim.NovoGrad"
+    assert cfg.optimizer.lr == 0.05 and list(cfg.optimizer.betas) == [0.95, 0.5]
+    assert cfg.optimizer.weight_decay == 1e-3
+    sched = cfg.scheduler
+    assert sched._target_.endswith("warmup_hold_poly") and sched.total_steps is None
+    assert (sched.warmup_fraction, sched.hold_fraction, sched.power, sched.min_lr) == (0.05, 0.45, 2.0, 1e-3)
+    feature = cfg.feature
+    assert feature._target_.endswith("MFCC") and feature.n_mfcc == feature.n_mels == 64
+    assert (feature.n_fft, feature.hop_length, feature.fmin, feature.fmax) == (400, 160, 0.0, 8000.0)
+    augment = AugmentConfig.from_mapping(cfg.augment)
+    assert augment.time_shift.enabled and augment.time_shift.p == 1.0
+    assert int(augment.time_shift.max_fraction * 16000) == 80  # +-5 ms
+    assert not augment.noise.enabled  # no background-noise mix in NeMo's recipe
+    assert augment.white_noise.enabled and augment.white_noise.p == 1.0
+    assert (augment.white_noise.min_db, augment.white_noise.max_db) == (-90.0, -46.0)
+    spec = instantiate(cfg.spec_augment)
+    assert (spec.freq_masks, spec.freq_width, spec.time_masks, spec.time_width) == (2, 15, 2, 25)
+    assert (spec.rect_masks, spec.rect_time, spec.rect_freq, spec.mask_value) == (5, 25, 15, 0.0)
+    assert cfg.loss.label_smoothing == 0.0 and not cfg.mixup and "ema" not in cfg.callbacks
+
+
+class RecordStep(Callback):
+    """The lr of every optimiser step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_matchboxnet_full_recipe_trains_on_cpu(tmp_path: Path) -> None:
+    """The recipe's own objects (front end, model, NovoGrad, schedule, SpecAugment with rectangles, the
+    white-noise input path, its Trainer config with trainer=cpu) take two training steps on random clips."""
+    cfg = compose_train("experiment=matchboxnet_v1_full", "trainer=cpu", "trainer.max_steps=2")
+    cfg.paths.output_dir = str(tmp_path)
+    labels = make_labels(DEFAULT_KEYWORDS)
+    model = build_kws_model(cfg.feature, cfg.model, num_classes=len(labels))
+    assert count_parameters(model) == 90_444  # as kws_lightning/models/matchboxnet.py states for 64 MFCCs
+    spec_augment = instantiate(cfg.spec_augment)
+    module = KWSLightningModule(
+        model,
+        labels,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        loss=instantiate(cfg.loss),
+        spec_augment=spec_augment,
+    )
+    # The training input path: centred clips, +-5 ms shift, white noise (the noise bank stays unused).
+    torch.manual_seed(0)
+    clips = (torch.randn(8, 16000) * 3000).to(torch.int16)
+    waves = prepare_batch(
+        clips,
+        torch.full((8,), 16000),
+        torch.zeros(8, dtype=torch.bool),
+        NoiseBank([torch.zeros(16000, dtype=torch.int16)]),
+        AugmentConfig.from_mapping(cfg.augment),
+        train=True,
+    )
+    batch = (waves, torch.arange(8) % len(labels))
+    record = RecordStep()
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[record],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    assert trainer.precision == "32-true"
+    masked: list[tuple[tuple[int, ...], float]] = []  # (shape, share of zeroed cells) per SpecAugment call
+    spec_augment.register_forward_hook(
+        lambda _m, _i, out: masked.append((tuple(out.shape), (out == 0).float().mean().item()))
+    )
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    trainer.fit(module, train_dataloaders=loader(batch, 2))
+    assert trainer.global_step == 2
+    assert isinstance(trainer.optimizers[0], NovoGrad)
+    # total_steps = 2 from the trainer: no warm-up or hold steps (int(0.1), int(0.9)), then the decay.
+    assert record.lrs == pytest.approx([0.05, 1e-3 + 0.049 * 0.5**2])
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert [shape for shape, _ in masked] == [(8, 1, 101, 64)] * 2  # 64 MFCCs x 101 frames, masked
+    assert all(share > 0.05 for _, share in masked)
+    changed = [name for name, p in module.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == len(before)  # every weight moved (NovoGrad's weight decay alone would do that)
 
 
 @pytest.mark.slow

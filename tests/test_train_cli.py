@@ -158,3 +158,34 @@ def test_quick_training_beats_chance_by_far(tmp_path: Path, synthetic_overrides:
     assert best.parent == run_dir / "checkpoints" and best.is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "valid acc" in stdout  # the console table's header
+
+
+def test_test_weights_last_scores_the_final_checkpoint(
+    tmp_path: Path, synthetic_overrides: list[str]
+) -> None:
+    # Validation (and a best checkpoint) at step 2, training ends at step 3: best and last differ.
+    run_dir = tmp_path / "run"
+    result = run_train(
+        tmp_path,
+        *synthetic_overrides,
+        *FAST,
+        "model.n_feature_maps=8",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.val_check_interval=2",
+        "trainer.check_val_every_n_epoch=null",
+        "test_weights=last",
+        f"hydra.run.dir={run_dir}",
+    )
+    stdout = check_ok(result)
+    loaded = re.findall(r"Loaded model weights from the checkpoint at (\S+)", stdout + result.stderr)
+    assert loaded == [str(run_dir / "checkpoints" / "last.ckpt")], loaded
+    assert torch.load(loaded[0], map_location="cpu", weights_only=False)["global_step"] == 3
+    assert Path(final_lines(stdout)["best checkpoint"]).name.startswith("best-step000002")
+
+
+def test_bad_test_weights_fails_at_start_up(tmp_path: Path) -> None:
+    result = run_train(tmp_path, "test_weights=final", "data=synthetic", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert "test_weights must be one of ('best', 'last'), got 'final'" in result.stderr

@@ -11,7 +11,8 @@ class LastCheckpoint(ModelCheckpoint):
     when validation is per epoch) and once more when training ends between two validations.
 
     `ModelCheckpoint(monitor=..., save_last=True)` refreshes last.ckpt only when a new best is saved, so
-    after a plateau it lags behind; this one does not depend on any metric.
+    after a plateau it lags behind; this one does not depend on any metric. Without a monitor,
+    `best_model_path` is the file written last, i.e. last.ckpt once anything was saved.
     """
 
     def __init__(self, dirpath: str, filename: str = "last") -> None:

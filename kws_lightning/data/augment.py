@@ -1,4 +1,5 @@
-"""Batched waveform augmentation on the device: pad/crop, time shift, background-noise mix, silence.
+"""Batched waveform augmentation on the device: pad/crop, time shift, background-noise mix, white noise,
+silence.
 
 Everything here takes whole batches of tensors already on the training device; no per-clip Python.
 Batches arrive as int16 ``(B, L)`` left-aligned clips with their true lengths (``L`` = longest clip).
@@ -29,6 +30,18 @@ class NoiseMix:
 
 
 @dataclass
+class WhiteNoise:
+    """Gaussian noise at a level drawn per clip, U[min_db, max_db] dB re full scale (standard deviation
+    10 ** (level / 20)); MatchboxNet's NeMo recipe: -90..-46 dB with p 1.0 (NeMo's WhiteNoisePerturbation,
+    nemo/collections/asr/parts/preprocessing/perturb.py)."""
+
+    enabled: bool = False
+    min_db: float = -90.0
+    max_db: float = -46.0
+    p: float = 1.0
+
+
+@dataclass
 class SilenceSynth:
     max_gain: float = 1.0  # silence = noise slice x U[0, max_gain]
     p_zero: float = 0.1  # ... or digital zero
@@ -41,13 +54,28 @@ class AugmentConfig:
     random_crop: bool = True
     time_shift: TimeShift = field(default_factory=TimeShift)
     noise: NoiseMix = field(default_factory=NoiseMix)
+    white_noise: WhiteNoise = field(default_factory=WhiteNoise)
     silence: SilenceSynth = field(default_factory=SilenceSynth)
+
+    def __post_init__(self) -> None:
+        white = self.white_noise
+        if not white.min_db <= white.max_db:
+            raise ValueError(
+                f"augment.white_noise.min_db ({white.min_db}) must not exceed max_db ({white.max_db})"
+            )
+        if not 0.0 <= white.p <= 1.0:
+            raise ValueError(f"augment.white_noise.p must be a probability in [0, 1], got {white.p}")
 
     @classmethod
     def from_mapping(cls, values: Mapping | None) -> AugmentConfig:
         """Build from a (Hydra) mapping; unknown keys are an error listing the valid ones."""
         values = dict(values or {})
-        nested = {"time_shift": TimeShift, "noise": NoiseMix, "silence": SilenceSynth}
+        nested = {
+            "time_shift": TimeShift,
+            "noise": NoiseMix,
+            "white_noise": WhiteNoise,
+            "silence": SilenceSynth,
+        }
         _check_keys("augment", values, [f.name for f in fields(cls)])
         kwargs = {}
         for key, value in values.items():
@@ -152,6 +180,17 @@ def mix_noise(x: torch.Tensor, bank: NoiseBank, max_gain: float, p: float) -> to
     return (x + gains[:, None] * bank.slices(batch)).clamp(-1.0, 1.0)
 
 
+def add_white_noise(x: torch.Tensor, min_db: float, max_db: float, p: float) -> torch.Tensor:
+    """With probability p per clip add Gaussian noise of standard deviation 10 ** (U[min_db, max_db] / 20);
+    clip to [-1, 1]."""
+    if p <= 0:
+        return x
+    batch = len(x)
+    levels_db = _uniform(batch, min_db, max_db, x.device)
+    scales = torch.pow(10.0, levels_db / 20.0) * (torch.rand(batch, device=x.device) < p)
+    return (x + scales[:, None] * torch.randn_like(x)).clamp(-1.0, 1.0)
+
+
 def synthesize_silence(count: int, bank: NoiseBank, cfg: SilenceSynth) -> torch.Tensor:
     """Silence items: a noise slice at gain U[0, max_gain], or digital zero with probability p_zero."""
     device = bank.samples.device
@@ -172,8 +211,8 @@ def prepare_batch(
     """int16 batch → float (B, bank.slice_length) in [-1, 1]: the whole device-side input path.
 
     Train: random pad/crop and time shift (one window copy: for clips no longer than the output the
-    shift's zero fill is exact; a longer clip shows its own neighbouring audio instead), then noise mix
-    and fresh silence. Eval: centred pad/crop only.
+    shift's zero fill is exact; a longer clip shows its own neighbouring audio instead), then noise mix,
+    white noise and fresh silence (silence items get no white noise). Eval: centred pad/crop only.
     """
     out_len = bank.slice_length
     if not train:
@@ -185,6 +224,8 @@ def prepare_batch(
     x = window(waves, starts, out_len).float() / INT16_SCALE
     if cfg.noise.enabled:
         x = mix_noise(x, bank, cfg.noise.max_gain, cfg.noise.p)
+    if cfg.white_noise.enabled:
+        x = add_white_noise(x, cfg.white_noise.min_db, cfg.white_noise.max_db, cfg.white_noise.p)
     if synth_silence.any():
         rows = synth_silence.nonzero().squeeze(1)
         x[rows] = synthesize_silence(len(rows), bank, cfg.silence)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -84,3 +84,61 @@ def warmup_cosine(
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def warmup_hold_poly(
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_fraction: float = 0.05,
+    hold_fraction: float = 0.45,
+    power: float = 2.0,
+    min_lr: float = 0.0,
+) -> LambdaLR:
+    """NeMo's `PolynomialHoldDecayAnnealing` (nemo/core/optim/lr_scheduler.py, with `WarmupHoldPolicy` and
+    `_poly_decay`), MatchboxNet's schedule, for each param group's lr (its peak):
+
+    * warm-up, W = int(warmup_fraction * total_steps) steps: lr * (step + 1) / (W + 1), reaching lr at step W;
+    * hold at lr until step H = W + int(hold_fraction * total_steps);
+    * then ``min_lr + (lr - min_lr) * (1 - p) ** power``, p = (step - H) / (total_steps - H), so the rate
+      lands on `min_lr` (absolute, not a share of lr) at step total_steps and stays there.
+
+    Steps truncate as NeMo's `int()` does; MatchboxNet: warmup 0.05, hold 0.45, power 2, min_lr 0.001.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(
+            f"scheduler.total_steps must be a positive integer (null: the run's length), got {total_steps!r}"
+        )
+    for name, value in (("warmup_fraction", warmup_fraction), ("hold_fraction", hold_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"scheduler.{name} must be in [0, 1), got {value}")
+    if warmup_fraction + hold_fraction >= 1.0:
+        raise ValueError(
+            f"scheduler.warmup_fraction + scheduler.hold_fraction = {warmup_fraction + hold_fraction} leaves "
+            "no steps to decay: keep their sum below 1"
+        )
+    if not power > 0.0:
+        raise ValueError(f"scheduler.power must be > 0, got {power}")
+    peaks = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    if min_lr < 0.0 or any(min_lr > peak for peak in peaks):
+        raise ValueError(
+            f"scheduler.min_lr={min_lr} must lie in [0, optimizer.lr] (optimizer.lr: {peaks}); "
+            "lower scheduler.min_lr"
+        )
+    warmup_steps = int(warmup_fraction * total_steps)
+    hold_end = warmup_steps + int(hold_fraction * total_steps)
+    decay_steps = total_steps - hold_end  # >= 1: the fractions sum to less than 1
+
+    def factor_for(peak: float) -> Callable[[int], float]:
+        floor = min_lr / peak if peak > 0 else 0.0
+
+        def factor(step: int) -> float:
+            if 0 < warmup_steps and step <= warmup_steps:
+                return (step + 1) / (warmup_steps + 1)
+            if step < hold_end:
+                return 1.0
+            progress = min(step - hold_end, decay_steps) / decay_steps
+            return floor + (1.0 - floor) * (1.0 - progress) ** power
+
+        return factor
+
+    return LambdaLR(optimizer, [factor_for(peak) for peak in peaks])
