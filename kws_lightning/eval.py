@@ -2,9 +2,10 @@
 
 Without `input` the checkpoint's own data set is rebuilt from its data config and scored on its fixed
 test draw (testing clips + the same share of unknown words and pre-drawn silence as `trainer.test`
-used, so the accuracy is the training run's test/acc). With `input=DIR` the folder is scored as it is:
-an official test-set folder (``_silence_/``, ``_unknown_/``, keyword folders), or a training-layout
-folder (its testing list when it has one, else every clip).
+used, so the accuracy is the training run's test/acc); `split=validation` scores its validation draw.
+With `input=DIR` the folder is scored as it is: an official test-set folder (``_silence_/``,
+``_unknown_/``, keyword folders), or a training-layout folder (its testing list when it has one, else
+every clip).
 
 Writes to the run dir (logs/eval/runs/<timestamp>): metrics.json, confusion_matrix.csv / .png and
 misclassified.csv (file, true label, top-3 labels with posteriors).
@@ -37,11 +38,23 @@ class EvalSet:
     description: str
 
 
+SPLITS = ("testing", "validation")
+
+
 def datamodule_test_set(
-    predictor: Any, cache_dir: str, batch_size: int, num_workers: int, data_root: str | None = None
+    predictor: Any,
+    cache_dir: str,
+    batch_size: int,
+    num_workers: int,
+    data_root: str | None = None,
+    split: str = "testing",
 ) -> EvalSet:
-    """The checkpoint's own test draw, rebuilt by `SpeechCommandsDataModule` from its data config."""
+    """The checkpoint's own fixed draw of `split` (testing or validation), rebuilt by
+    `SpeechCommandsDataModule` from its data config."""
     from hydra.utils import instantiate
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
     data_cfg = dict(predictor.configs[0].get("data") or {})
     if "_target_" not in data_cfg:
@@ -66,11 +79,12 @@ def datamodule_test_set(
     datamodule.prepare_data()
     datamodule.setup("test")
     clips = datamodule.dataset.clips
-    items = datamodule.eval_items["testing"]
+    items = datamodule.eval_items[split]
     names = [clips["rel"].iat[i] if i >= 0 else f"<silence #{-1 - i}>" for i in items.tolist()]
-    counts = datamodule.class_counts("testing")
-    description = f"{datamodule.dataset.root} testing split + its fixed silence/unknown draw: {counts}"
-    return EvalSet(names, datamodule.test_dataloader(), description)
+    counts = datamodule.class_counts(split)
+    description = f"{datamodule.dataset.root} {split} split + its fixed silence/unknown draw: {counts}"
+    loader = datamodule.test_dataloader() if split == "testing" else datamodule.val_dataloader()
+    return EvalSet(names, loader, description)
 
 
 def check_keywords(folder_keywords: Sequence[str], keywords: Sequence[str], folder: Path) -> None:
@@ -262,11 +276,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from kws_lightning.inference import Predictor, TTAConfig, checkpoint_paths
 
     predictor = Predictor.from_checkpoints(checkpoint_paths(cfg.ckpt_path), cfg.device)
+    split = cfg.get("split", "testing")
     if cfg.get("input"):
+        if split != "testing":
+            raise ValueError(f"split={split} scores the checkpoint's own data set: drop input=DIR, or split")
         eval_set = folder_test_set(predictor, cfg.input, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers)
     else:
         eval_set = datamodule_test_set(
-            predictor, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers, cfg.get("data_root")
+            predictor, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers, cfg.get("data_root"), split
         )
     log.info("scoring %s", eval_set.description)
     tta = TTAConfig.from_mapping(cfg.tta_options) if cfg.tta else None

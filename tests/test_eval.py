@@ -84,6 +84,32 @@ def test_default_eval_reproduces_the_training_test_accuracy(
     assert wrong["file"].str.match(r"^(\w+/\w+_nohash_\d+\.wav|<silence #\d+>)$").all()
 
 
+def test_split_validation_reproduces_the_checkpoints_validation_accuracy(
+    tiny_checkpoint: dict, run_cli: object, tmp_path: Path
+) -> None:
+    ckpt = Path(tiny_checkpoint["ckpt"])
+    result = run_cli(
+        "eval",
+        f"ckpt_path={ckpt}",
+        "split=validation",
+        f"paths.cache_dir={tiny_checkpoint['cache_dir']}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir_of(result.stdout) / "metrics.json").read_text())
+    assert "validation split" in metrics["data"]
+    # The best checkpoint is named after its val/acc (4 decimals): the validation draw scores it again.
+    val_acc = float(ckpt.stem.rsplit("-acc", 1)[1])
+    assert metrics["accuracy"] == pytest.approx(val_acc, abs=6e-5)
+
+
+def test_split_is_checked(tiny_checkpoint: dict) -> None:
+    cfg = compose("eval", f"ckpt_path={tiny_checkpoint['ckpt']}", "split=train")
+    with pytest.raises(ValueError, match=r"split must be one of \('testing', 'validation'\), got 'train'"):
+        evaluate(cfg)
+
+
 def compose(config: str, *overrides: str) -> DictConfig:
     """The entry point's config as Hydra composes it for ``python -m kws_lightning.<config> overrides``."""
     from hydra import compose as hydra_compose
