@@ -513,7 +513,7 @@ def test_cosine_warmup_fraction_counts_in_steps_of_the_run() -> None:
 # ---- experiment recipes ------------------------------------------------------------------------------------
 
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
-DEV_RECIPES = ["res8", "res15", "bc_resnet", "tc_resnet", "matchboxnet", "ds_cnn", "best"]
+DEV_RECIPES = ["res8", "res15", "bc_resnet", "bc_resnet2", "tc_resnet", "matchboxnet", "ds_cnn", "best"]
 FULL_RECIPES = [name for name in EXPERIMENTS if name.endswith("_full")]
 
 
@@ -579,8 +579,12 @@ def test_bc_resnet_and_best_recipes() -> None:
     bc = compose_train("experiment=bc_resnet", "data.root=/data", "model.scale=3")
     assert bc.model.name == "bc_resnet" and bc.model.scale == 3.0
     assert bc.feature._target_.endswith("LogMel") and bc.feature.n_mels == 40
+    bc2 = recipe("bc_resnet2")
+    assert bc2.model.name == "bc_resnet" and bc2.model.scale == 2.0 and bc2.trainer.max_epochs == 25
+    # best: the most accurate recipe measured on the dev set, TC-ResNet14-1.5 scored on its final weights.
     best = recipe("best")
-    assert best.model.name == "bc_resnet" and best.model.scale == 2.0 and best.trainer.max_epochs == 25
+    assert best.model.name == "tc_resnet14" and best.model.width_multiplier == 1.5
+    assert best.test_weights == "last" and best.trainer.max_epochs == 100 and best.data.batch_size == 100
     full = recipe("bc_resnet_v2_full")
     assert full.task_name == "bc_resnet_v2_full" and full.trainer.accelerator == "gpu"
     assert full.trainer.max_epochs == 200 and full.data.batch_size == 100
