@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from predict_throughput import add_model_arguments, predictor_from_args  # the sibling script
 
 from kws_lightning.export import ExportedModel, export_onnx, export_torchscript, load_exported
-from kws_lightning.inference import Predictor
 from kws_lightning.listen import RecognizeCommands, StreamingDetector
 
 
@@ -40,21 +40,14 @@ def median_ms(run: Callable[[], object], runs: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", help="a checkpoint; default: an untrained --model on --feature")
-    parser.add_argument("--model", default="cnn_trad_pool2")
-    parser.add_argument("--feature", default="mfcc")
+    add_model_arguments(parser)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hop-ms", type=float, default=100.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    if args.ckpt:
-        predictor = Predictor.from_checkpoints(args.ckpt, "cpu")
-    else:
-        from predict_throughput import untrained_predictor
-
-        predictor = untrained_predictor(args.model, args.feature)
+    predictor = predictor_from_args(args)
     model = predictor.models[0]
     module = ExportedModel(model).eval()
     clip = np.random.default_rng(0).normal(0, 0.1, (1, predictor.clip_samples)).astype(np.float32)

@@ -41,6 +41,20 @@ def untrained_predictor(model: str, feature: str) -> Predictor:
     return Predictor([net.eval()], labels, 16000, 16000)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ckpt, or an untrained --model on --feature: the model choice every inference benchmark offers."""
+    parser.add_argument("--ckpt", help="a checkpoint; default: an untrained --model on --feature")
+    parser.add_argument("--model", default="cnn_trad_pool2")
+    parser.add_argument("--feature", default="mfcc")
+
+
+def predictor_from_args(args: argparse.Namespace) -> Predictor:
+    """The Predictor `add_model_arguments` asked for, on the CPU."""
+    if args.ckpt:
+        return Predictor.from_checkpoints(args.ckpt, "cpu")
+    return untrained_predictor(args.model, args.feature)
+
+
 def write_clips(folder: Path, count: int) -> list[str]:
     rng = np.random.default_rng(0)
     t = np.arange(16000) / 16000
@@ -55,9 +69,7 @@ def write_clips(folder: Path, count: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", help="a checkpoint; default: an untrained --model on --feature")
-    parser.add_argument("--model", default="cnn_trad_pool2")
-    parser.add_argument("--feature", default="mfcc")
+    add_model_arguments(parser)
     parser.add_argument("--clips", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -67,11 +79,7 @@ def main() -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    predictor = (
-        Predictor.from_checkpoints(args.ckpt, "cpu")
-        if args.ckpt
-        else untrained_predictor(args.model, args.feature)
-    )
+    predictor = predictor_from_args(args)
     tta = TTAConfig() if args.tta else None
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_clips(Path(tmp), args.clips)
