@@ -15,6 +15,10 @@ disabled, because power spectra overflow float16.
 (and ~3e-3 for a 16000-point resampling FFT), which the log features amplify (MFCC off by up to 0.09).
 The matmul DFTs are the FFT path's arithmetic up to rounding (tests/test_export.py: < 1e-9 in float64;
 in float32 mel power within 1e-4 of each clip's peak, features as close to float64 as the FFT path's).
+
+Every front end ends in a `FeatureNorm` (kws_lightning/feature_norm.py; ``normalize``: ``none``, the default
+of the classes and the seeds' exact numbers; ``per_utterance``; ``dataset``). The conf/feature configs set
+the default a run gets and say why. The numbers and tolerances above are those of ``normalize="none"``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,18 @@ import scipy.fft
 import torch
 from torch import nn
 
-__all__ = ["MFCC", "LogMel", "LogSpectrogram", "MelPowerSpectrogram", "export_friendly", "output_shape"]
+from kws_lightning.feature_norm import NORMALIZE_MODES, FeatureNorm, NormalizeMode
+
+__all__ = [
+    "MFCC",
+    "NORMALIZE_MODES",
+    "FeatureNorm",
+    "LogMel",
+    "LogSpectrogram",
+    "MelPowerSpectrogram",
+    "export_friendly",
+    "output_shape",
+]
 
 
 def _check_waves(waves: torch.Tensor, name: str, min_samples: int) -> None:
@@ -248,6 +263,7 @@ class MFCC(nn.Module):
         fmin: float = 20.0,
         fmax: float = 4000.0,
         pad_mode: str = "constant",
+        normalize: NormalizeMode = "none",
     ) -> None:
         super().__init__()
         if not 1 <= n_mfcc <= n_mels:
@@ -257,6 +273,7 @@ class MFCC(nn.Module):
         dct = scipy.fft.dct(np.eye(n_mels), type=2, norm="ortho", axis=0)[:n_mfcc]
         self._dct64 = torch.from_numpy(dct)
         self.register_buffer("dct_matrix", self._dct64.float(), persistent=False)
+        self.norm = FeatureNorm(normalize, n_mfcc)
 
     def extra_repr(self) -> str:
         return f"n_mfcc={self._dct64.shape[0]}"
@@ -268,7 +285,7 @@ class MFCC(nn.Module):
             positive = mel > 0
             # Double where: log only sees positive values, so log(0) never enters the graph (no NaN grads).
             log_mel = torch.where(positive, torch.log(torch.where(positive, mel, torch.ones_like(mel))), 0.0)
-            return torch.matmul(log_mel, _exact(self.dct_matrix, self._dct64).T).unsqueeze(1)
+            return self.norm(torch.matmul(log_mel, _exact(self.dct_matrix, self._dct64).T).unsqueeze(1))
 
 
 class LogMel(nn.Module):
@@ -295,6 +312,7 @@ class LogMel(nn.Module):
         pad_mode: str = "constant",
         amin: float = 1e-10,
         top_db: float | None = 80.0,
+        normalize: NormalizeMode = "none",
     ) -> None:
         super().__init__()
         if amin <= 0:
@@ -304,6 +322,7 @@ class LogMel(nn.Module):
         self.mel = MelPowerSpectrogram(sample_rate, n_fft, hop_length, n_mels, fmin, fmax, pad_mode)
         self.amin = amin
         self.top_db = top_db
+        self.norm = FeatureNorm(normalize, n_mels)
 
     def extra_repr(self) -> str:
         return f"amin={self.amin}, top_db={self.top_db}"
@@ -316,7 +335,7 @@ class LogMel(nn.Module):
             if self.top_db is not None:
                 peak = db.amax(dim=(1, 2), keepdim=True)  # per clip, as librosa does on one clip
                 db = torch.maximum(db, peak - self.top_db)
-            return db.unsqueeze(1)
+            return self.norm(db.unsqueeze(1))
 
 
 class LogSpectrogram(nn.Module):
@@ -343,6 +362,7 @@ class LogSpectrogram(nn.Module):
         window_ms: float = 20.0,
         step_ms: float = 10.0,
         eps: float = 1e-10,
+        normalize: NormalizeMode = "none",
     ) -> None:
         super().__init__()
         self.sample_rate = sample_rate
@@ -363,6 +383,7 @@ class LogSpectrogram(nn.Module):
         self.min_samples = int(np.ceil(self.nperseg * sample_rate / target_sample_rate))
         while self.resampled_length(self.min_samples) < self.nperseg:
             self.min_samples += 1
+        self.norm = FeatureNorm(normalize, self.nperseg // 2 + 1)
 
     def extra_repr(self) -> str:
         return (
@@ -421,8 +442,10 @@ class LogSpectrogram(nn.Module):
             if self.matmul_dft:
                 # log(p + eps) written as log(p / eps + 1) + log(eps): the ONNX exporter's optimiser drops an
                 # Add of a constant below 1e-8 as a no-op (x + 1e-10 -> x, so log(0) = -inf).
-                return (torch.log(power * one_sided / self.eps + 1.0) + math.log(self.eps)).unsqueeze(1)
-            return torch.log(power * one_sided + self.eps).unsqueeze(1)
+                return self.norm(
+                    (torch.log(power * one_sided / self.eps + 1.0) + math.log(self.eps)).unsqueeze(1)
+                )
+            return self.norm(torch.log(power * one_sided + self.eps).unsqueeze(1))
 
 
 @torch.no_grad()
