@@ -7,8 +7,9 @@ With `input=DIR` the folder is scored as it is: an official test-set folder (``_
 ``_unknown_/``, keyword folders), or a training-layout folder (its testing list when it has one, else
 every clip).
 
-Writes to the run dir (logs/eval/runs/<timestamp>): metrics.json, confusion_matrix.csv / .png and
-misclassified.csv (file, true label, top-3 labels with posteriors).
+Prints what produced each checkpoint (its provenance record: code version, libraries, data index hash,
+command). Writes to the run dir (logs/eval/runs/<timestamp>): metrics.json (with those records),
+confusion_matrix.csv / .png and misclassified.csv (file, true label, top-3 labels with posteriors).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def datamodule_test_set(
     split: str = "testing",
 ) -> EvalSet:
     """The checkpoint's own fixed draw of `split` (testing or validation), rebuilt by
-    `SpeechCommandsDataModule` from its data config."""
-    from hydra.utils import instantiate
+    `SpeechCommandsDataModule` from its data config (by `kws_lightning.checkpoints.build_stored`: only a
+    registered data module, never whatever `_target_` the checkpoint names)."""
+    from kws_lightning.checkpoints import build_stored
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -70,7 +72,7 @@ def datamodule_test_set(
             f"the checkpoint's data root {root} is not a folder from {Path.cwd()} (relative roots are "
             "relative to where training was launched): pass data_root=PATH, or score a folder with input=DIR"
         )
-    datamodule = instantiate(data_cfg, _convert_="all")
+    datamodule = build_stored({"data": data_cfg}, "data", predictor.paths[0])
     if datamodule.labels != predictor.labels:
         raise ValueError(
             f"the data config rebuilds labels {datamodule.labels}, but the checkpoint predicts "
@@ -118,7 +120,8 @@ def folder_test_set(
         index_test_layout,
         index_training_layout,
     )
-    from kws_lightning.data.wave_cache import load_or_build
+    from kws_lightning.data.issues import hydra_run_dir, report_issues
+    from kws_lightning.data.wave_cache import DEFAULT_MAX_CLIP_S, load_or_build
 
     layout = detect_layout(folder)
     if layout == "test":
@@ -149,7 +152,10 @@ def folder_test_set(
         )
     if clips.empty:
         raise ValueError(f"{description}: no clips to score")
-    cache = load_or_build(list(clips["path"]), cache_dir, predictor.sample_rate)
+    # Long clips cropped to their centre (what is scored); skipped and cropped files go to data_issues.csv.
+    max_samples = max(int(DEFAULT_MAX_CLIP_S * predictor.sample_rate), predictor.clip_samples)
+    cache = load_or_build(list(clips["path"]), cache_dir, predictor.sample_rate, max_samples=max_samples)
+    report_issues(cache.issues, len(clips), hydra_run_dir())
     ok = np.flatnonzero(cache.ok)
     if len(ok) == 0:
         raise ValueError(f"{description}: none of its {len(clips)} clips could be decoded")
@@ -271,11 +277,30 @@ def format_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_provenance(paths: Sequence[str]) -> dict[str, Any]:
+    """Print what produced each checkpoint (code, libraries, data index, command); returns the records by
+    path, without their config (already in the checkpoint), for metrics.json."""
+    from kws_lightning.utils.provenance import describe, read_checkpoint_provenance
+
+    records: dict[str, Any] = {}
+    for path in paths:
+        try:
+            record = read_checkpoint_provenance(path)
+        except Exception as error:  # an unreadable record must not stop the scoring
+            record, note = None, f"  provenance: unreadable ({type(error).__name__}: {error})"
+        else:
+            note = describe(record)
+        print(f"checkpoint: {path}\n{note}")
+        records[path] = {k: v for k, v in (record or {}).items() if k != "config"} or None
+    return records
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score, print, and write the report files into `cfg.paths.output_dir`. Returns the metrics."""
     from kws_lightning.inference import Predictor, TTAConfig, checkpoint_paths
 
     predictor = Predictor.from_checkpoints(checkpoint_paths(cfg.ckpt_path), cfg.device)
+    provenance = checkpoint_provenance(predictor.paths)
     split = cfg.get("split", "testing")
     if cfg.get("input"):
         if split != "testing":
@@ -293,6 +318,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(
         checkpoints=predictor.paths, labels=predictor.labels, data=eval_set.description, tta=bool(cfg.tta)
     )
+    metrics["provenance"] = provenance
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -2,7 +2,8 @@
 
 One `Predictor` holds one model or an ensemble (posteriors averaged), the class names and the input
 format (sample rate, clip length) read from the checkpoints' hyper-parameters, so eval, predict, listen
-and export all rebuild the model the same way (`build_kws_model`, as training did).
+and export all rebuild the model the same way: the checkpoint opened as data and the model built from its
+stored config through the registries (`kws_lightning.checkpoints`), as training assembled it.
 
 Clips of any length go through the evaluation input path of training (`augment.window` with
 `augment.center_starts`: centred pad / crop, int16 / 32768), so a clip scores the same here as in
@@ -22,16 +23,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kws_lightning.data.audio_io import AudioReadError, read_audio_int16
+from kws_lightning.checkpoints import CheckpointError, build_checkpoint_model, load_checkpoint
+from kws_lightning.data.audio_io import AudioReadError, decode_audio
 from kws_lightning.data.augment import INT16_SCALE, center_starts, window
 from kws_lightning.data.dataset import keep_batch
 
 log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."  # KWSLightningModule keeps the KWSModel as `self.model`
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for inference; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -76,36 +74,19 @@ def load_checkpoint_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The checkpoint's `KWSModel` (eval mode, on `device`) and its hyper-parameters.
 
-    The model is rebuilt from ``hyper_parameters.config.feature`` / ``.model`` with `build_kws_model`, as
-    `kws_lightning.train` built it, then the ``model.*`` weights are loaded (strictly).
+    The checkpoint is opened as data (`kws_lightning.checkpoints.load_checkpoint`), the model rebuilt
+    from ``hyper_parameters.config.feature`` / ``.model`` through the registries
+    (`build_checkpoint_model`), then the ``model.*`` weights are loaded (strictly).
     """
-    from kws_lightning.utils.instantiate import build_kws_model
-
-    path = Path(path).expanduser()
-    if not path.is_file():
+    checkpoint = load_checkpoint(path)
+    model, hparams = build_checkpoint_model(checkpoint, path)
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, Mapping):
         raise CheckpointError(
-            f"checkpoint {path} does not exist: pass ckpt_path=<run dir>/checkpoints/<name>.ckpt"
+            f"{path} has no state_dict: it was not written by `python -m kws_lightning.train`"
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises pickle / zip / runtime errors for a bad file
-        raise CheckpointError(f"cannot load checkpoint {path}: {error}") from None
-    hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
-    config = hparams.get("config") or {}
-    if "labels" not in hparams or "feature" not in config or "model" not in config:
-        raise CheckpointError(
-            f"{path} lacks labels / config.feature / config.model in its hyper-parameters: it was not "
-            "written by `python -m kws_lightning.train`"
-        )
-    hparams.setdefault("sample_rate", 16000)
-    hparams.setdefault("clip_samples", 16000)
-    model = build_kws_model(
-        config["feature"], config["model"], len(hparams["labels"]), num_samples=hparams["clip_samples"]
-    )
     weights = {
-        key[len(MODEL_PREFIX) :]: value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith(MODEL_PREFIX)
+        key[len(MODEL_PREFIX) :]: value for key, value in state_dict.items() if key.startswith(MODEL_PREFIX)
     }
     try:
         model.load_state_dict(weights)
@@ -220,13 +201,21 @@ class Predictor:
         num_workers: int = 0,
         tta: TTAConfig | None = None,
         progress: bool = False,
+        max_samples: int | None = None,
+        repaired: dict[int, str] | None = None,
     ) -> tuple[np.ndarray, dict[int, str]]:
         """Posteriors (N, classes) for audio files, and {row: reason} for files that could not be read
-        (their rows are NaN). Decoding runs in `num_workers` DataLoader workers, a batch per task."""
+        (their rows are NaN). Decoding runs in `num_workers` DataLoader workers, a batch per task.
+        Files longer than `max_samples` are cropped to their centre; `repaired` collects {row: note}."""
         probs = np.full((len(paths), len(self.labels)), np.nan, np.float32)
         errors: dict[int, str] = {}
-        for batch in iterate_file_batches(paths, self.sample_rate, batch_size, num_workers, progress):
+        batches = iterate_file_batches(
+            paths, self.sample_rate, batch_size, num_workers, progress, max_samples
+        )
+        for batch in batches:
             errors.update(batch["errors"])
+            if repaired is not None:
+                repaired.update(batch["notes"])
             ok = batch["lengths"] > 0
             if ok.any():
                 rows = batch["index"][ok].numpy()
@@ -251,12 +240,16 @@ class AudioFiles(Dataset):
     """Audio files decoded a whole batch per call (`__getitems__`): what a DataLoader worker does.
 
     A batch is ``waves`` int16 (B, L) left-aligned and zero-padded, ``lengths`` (0 for a file that could
-    not be read), ``index`` (rows into `paths`) and ``errors`` {index: reason}.
+    not be read), ``index`` (rows into `paths`), ``errors`` {index: reason} and ``notes`` {index: what
+    was repaired} (files longer than `max_samples`, cropped to their centre).
     """
 
-    def __init__(self, paths: Sequence[str], sample_rate: int = 16000) -> None:
+    def __init__(
+        self, paths: Sequence[str], sample_rate: int = 16000, max_samples: int | None = None
+    ) -> None:
         self.paths = list(paths)
         self.sample_rate = sample_rate
+        self.max_samples = max_samples
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -265,13 +258,17 @@ class AudioFiles(Dataset):
         return self.__getitems__([item])
 
     def __getitems__(self, items: list[int]) -> dict[str, Any]:
-        clips, errors = [], {}
+        clips, errors, notes = [], {}, {}
         for item in items:
             try:
-                clips.append(read_audio_int16(self.paths[item], self.sample_rate))
+                decoded = decode_audio(self.paths[item], self.sample_rate, self.max_samples)
             except AudioReadError as error:
                 errors[item] = error.reason
                 clips.append(np.zeros(0, np.int16))
+                continue
+            clips.append(decoded.samples)
+            if decoded.note:
+                notes[item] = decoded.note
         lengths = np.array([len(c) for c in clips], np.int64)
         waves = np.zeros((len(clips), max(int(lengths.max(initial=0)), 1)), np.int16)
         for row, clip in enumerate(clips):
@@ -281,15 +278,21 @@ class AudioFiles(Dataset):
             "lengths": torch.from_numpy(lengths),
             "index": torch.as_tensor(items, dtype=torch.long),
             "errors": errors,
+            "notes": notes,
         }
 
 
 def iterate_file_batches(
-    paths: Sequence[str], sample_rate: int, batch_size: int, num_workers: int = 0, progress: bool = False
+    paths: Sequence[str],
+    sample_rate: int,
+    batch_size: int,
+    num_workers: int = 0,
+    progress: bool = False,
+    max_samples: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches of decoded files in order (see `AudioFiles`), with a tqdm bar over clips when `progress`."""
     loader = DataLoader(
-        AudioFiles(paths, sample_rate),
+        AudioFiles(paths, sample_rate, max_samples),
         batch_size=batch_size,
         shuffle=False,
         collate_fn=keep_batch,

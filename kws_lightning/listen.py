@@ -281,8 +281,13 @@ def listen(cfg: DictConfig) -> list[Detection]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="listen")
 def main(cfg: DictConfig) -> None:
+    from kws_lightning.data.audio_io import AudioReadError
+
     try:
         listen(cfg)
+    except AudioReadError as error:  # names the file and why (broken link, truncated, ...): no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     except RuntimeError as error:
         if MIC_HINT in str(error) or "PortAudio" in str(error):
             print(f"error: {error}", file=sys.stderr)

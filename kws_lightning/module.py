@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
 from torchmetrics import MaxMetric, MeanMetric
@@ -61,7 +62,10 @@ class KWSLightningModule(pl.LightningModule):
         super().__init__()
         # The modules and factories are rebuilt from `config`; saving them would pickle code objects.
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss", "spec_augment", "mixup"])
-        self.hparams["labels"] = list(labels)
+        # Plain containers only: checkpoints are opened with weights_only=True (kws_lightning.checkpoints).
+        self.hparams["labels"] = [str(label) for label in labels]
+        if isinstance(config, DictConfig):
+            self.hparams["config"] = OmegaConf.to_container(config, resolve=True)
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -88,6 +92,14 @@ class KWSLightningModule(pl.LightningModule):
     @property
     def labels(self) -> list[str]:
         return list(self.hparams["labels"])
+
+    def setup(self, stage: str) -> None:
+        # feature.normalize=dataset: estimate the statistics when fitting starts, after a resumed checkpoint
+        # is loaded and before EMA / SWA copy the weights (kws_lightning/feature_stats.py).
+        if stage == "fit":
+            from kws_lightning.feature_stats import FeatureStatistics
+
+            FeatureStatistics.attach(self.trainer, self.model)
 
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         return self.model(waves)
@@ -182,29 +194,22 @@ class KWSLightningModule(pl.LightningModule):
     def from_checkpoint(
         cls, path: str | Path, map_location: str | torch.device = "cpu"
     ) -> KWSLightningModule:
-        """Rebuild the module (model, labels, config) from a checkpoint written by `kws_lightning.train`."""
-        from kws_lightning.utils.instantiate import build_kws_model
+        """Rebuild the module (model, labels, config) from a checkpoint written by `kws_lightning.train`.
 
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-        hparams = checkpoint.get("hyper_parameters", {})
-        config = hparams.get("config") or {}
-        if "labels" not in hparams or "feature" not in config or "model" not in config:
-            raise ValueError(
-                f"{path} lacks labels/config.feature/config.model in its hyper-parameters: "
-                "it was not written by `python -m kws_lightning.train`"
-            )
-        model = build_kws_model(
-            config["feature"],
-            config["model"],
-            num_classes=len(hparams["labels"]),
-            num_samples=hparams.get("clip_samples", 16000),
-        )
+        Opened as data and rebuilt through the registries (`kws_lightning.checkpoints`), as inference does:
+        a checkpoint that carries code, or a config naming anything else, is a `CheckpointError`.
+        """
+        from kws_lightning.checkpoints import build_checkpoint_model, load_checkpoint
+
+        checkpoint = load_checkpoint(path, map_location=map_location)
+        model, hparams = build_checkpoint_model(checkpoint, path)
+        config = hparams["config"]
         module = cls(
             model=model,
             labels=hparams["labels"],
             config=config,
-            sample_rate=hparams.get("sample_rate", 16000),
-            clip_samples=hparams.get("clip_samples", 16000),
+            sample_rate=hparams["sample_rate"],
+            clip_samples=hparams["clip_samples"],
         )
         module.load_state_dict(checkpoint["state_dict"])
         return module

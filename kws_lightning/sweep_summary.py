@@ -1,8 +1,10 @@
 """Rank a sweep's jobs by the optimised metric: `python -m kws_lightning.sweep_summary SWEEP_DIR`.
 
 Reads every `job_result.json` under the sweep folder (each job writes one, failed jobs too) and writes
-`sweep_summary.csv` and `sweep_summary.md` there, printing the Markdown table. Also runs by itself at the
-end of every multirun (the Hydra callback `SweepSummary`, configured in conf/hydra/default.yaml).
+`sweep_summary.csv` and `sweep_summary.md` there, printing the Markdown table; when the jobs vary `seed`, a
+second table has one row per configuration, mean ± std over its seeds (kws_lightning/sweep_groups.py, also
+`sweep_summary_groups.csv`). Also runs by itself at the end of every multirun (the Hydra callback
+`SweepSummary`, configured in conf/hydra/default.yaml).
 
     python -m kws_lightning.sweep_summary logs/train/multiruns/2026-01-01_12-00-00
     python -m kws_lightning.sweep_summary DIR --metric val/loss --direction min
@@ -22,7 +24,15 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from kws_lightning.utils.job_result import FILENAME, OK, JobResult, read_job_result
+from kws_lightning.sweep_groups import (
+    GROUP_COLUMNS,
+    GROUPS_CSV_NAME,
+    group_cells,
+    group_jobs,
+    groups_markdown,
+    varies_seed,
+)
+from kws_lightning.utils.job_result import FILENAME, INTERRUPTED, OK, JobResult, read_job_result
 
 CSV_NAME = "sweep_summary.csv"
 MARKDOWN_NAME = "sweep_summary.md"
@@ -118,11 +128,15 @@ def metric_name(results: Sequence[tuple[str, JobResult]]) -> str | None:
 def markdown(
     rows: Sequence[Row], metric: str | None, direction: str, sweep_dir: Path, common: list[str]
 ) -> str:
-    failed = sum(row.result.status != OK for row in rows)
+    # Interrupted jobs (SIGINT/SIGTERM) are not failures: they resume from their last.ckpt.
+    interrupted = sum(row.result.status == INTERRUPTED for row in rows)
+    failed = sum(row.result.status not in (OK, INTERRUPTED) for row in rows)
+    counts = f"{len(rows) - failed - interrupted} ok, {failed} failed"
+    counts += f", {interrupted} interrupted" if interrupted else ""
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
-        f"{len(rows)} jobs ({len(rows) - failed} ok, {failed} failed), ranked by "
+        f"{len(rows)} jobs ({counts}), ranked by "
         f"{metric or 'no metric'} ({'higher' if direction == 'max' else 'lower'} is better).",
     ]
     if common:
@@ -161,7 +175,16 @@ def summarize(
         for row in rows:
             overrides = " ".join(row.result.overrides)
             writer.writerow({**row_cells(row), "overrides": overrides, "metric": metric or ""})
-    text = markdown(rows, metric, direction, sweep_dir, common_overrides(sorted(results, key=_job_order)))
+    common = common_overrides(sorted(results, key=_job_order))
+    text = markdown(rows, metric, direction, sweep_dir, common)
+    if varies_seed(results):
+        # Jobs differing only in `seed`: a row per configuration, mean ± std (kws_lightning/sweep_groups.py).
+        groups = group_jobs(results, direction, common)
+        text += groups_markdown(groups, metric)
+        with open(sweep_dir / GROUPS_CSV_NAME, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[*GROUP_COLUMNS, "metric"])
+            writer.writeheader()
+            writer.writerows({**group_cells(group), "metric": metric or ""} for group in groups)
     (sweep_dir / MARKDOWN_NAME).write_text(text)
     if echo:
         print(text, end="", flush=True)

@@ -5,19 +5,21 @@ Examples::
     python -m kws_lightning.train experiment=quickstart
     python -m kws_lightning.train experiment=seed_baseline data.root=/path/to/speech_commands
     python -m kws_lightning.train ckpt_path=logs/train/runs/<stamp>/checkpoints/last.ckpt   # resume
+    python -m kws_lightning.train ckpt_path=last                     # resume the newest run's last.ckpt
     python -m kws_lightning.train -m feature=mfcc,logmel optimizer.lr=0.01,0.003          # grid sweep
     python -m kws_lightning.train hparams_search=cnn_trad_pool2_optuna                   # Optuna search
     python -m kws_lightning.train trainer=ddp trainer.devices=4                          # 4 GPUs
 
-Every run writes `job_result.json` (metric, best step, wall time, parameters, status) into its folder; a
-sweep ranks its jobs in `<sweep dir>/sweep_summary.{csv,md}` (kws_lightning.sweep_summary). A sweep job
-that fails is recorded as failed and the sweep goes on; a single run raises.
+Every run writes `job_result.json` (metric, best step, wall time, parameters, status: ok, failed or
+interrupted) into its folder (kws_lightning/utils/job_runner.py); a sweep ranks its jobs in
+`<sweep dir>/sweep_summary.{csv,md}` (kws_lightning.sweep_summary). A sweep job that fails is recorded as
+failed and the sweep goes on; a single run raises. SIGINT/SIGTERM save last.ckpt at the current step,
+record the job as interrupted and stop the run (or sweep) with exit code 130/143.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -52,15 +54,24 @@ TEST_WEIGHTS = ("best", "last")
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit, then test the checkpoint `test_weights` names. Returns (metrics, objects) for callers and
-    sweepers."""
+    sweepers. `cfg` is validated by the caller (`run_job`: kws_lightning/config_check.py)."""
     # Heavy imports here, not at module level: a config error is then reported in a fraction of a second.
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
     from kws_lightning.callbacks import log_hparams_with_metrics
+    from kws_lightning.callbacks.provenance import RecordProvenance
+    from kws_lightning.checkpoints import check_resume_checkpoint
     from kws_lightning.module import KWSLightningModule
     from kws_lightning.utils.instantiate import build_kws_model, instantiate_named, to_plain
+    from kws_lightning.utils.provenance import collect_run_info, resolved_config, write_resolved_config
+
+    # What produced this run: config_resolved.yaml now, run_info.json and each checkpoint's record later.
+    run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    if run_dir is not None:
+        write_resolved_config(run_dir, cfg)
+    provenance = RecordProvenance(collect_run_info(cfg, run_dir), resolved_config(cfg), run_dir)
 
     # The module logs torchmetrics results at epoch end, whose compute() has already summed the metric states
     # over all DDP processes: Lightning's advice to add sync_dist (a second, averaging reduction) is moot.
@@ -95,11 +106,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         mixup=instantiate(cfg.mixup) if cfg.get("mixup") else None,
     )
 
-    callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
+    callbacks = [*instantiate_named(cfg.get("callbacks"), "callbacks"), provenance]
     loggers = instantiate_named(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # Checkpoints are data, not code: resume opens its file with weights_only=True, checked first so a
+    # refused file is named with the reason (kws_lightning/checkpoints.py).
+    resume = check_resume_checkpoint(resume_path(cfg, trainer.default_root_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     metrics = _floats(trainer.callback_metrics)
 
     best = best_checkpoint(trainer)
@@ -107,21 +121,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         tested = test_checkpoint(trainer, test_weights)
         if not tested:
             print("no checkpoint was saved (fast_dev_run or checkpointing off): testing the current weights")
-        trainer.test(module, datamodule=datamodule, ckpt_path=tested or None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=tested or None, weights_only=True)
         metrics.update(_floats(trainer.callback_metrics))
 
     final = {f"hp/{name.replace('/', '_')}": metrics[name] for name in FINAL_METRICS if name in metrics}
     log_hparams_with_metrics(trainer, {**record, "seed": cfg.get("seed")}, final)
 
     if trainer.is_global_zero:
-        run_dir = (
-            HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else trainer.default_root_dir
-        )
         summary = "  ".join(f"{name} {metrics[name]:.4f}" for name in FINAL_METRICS if name in metrics)
         print(f"final metrics: {summary or 'none (no validation ran)'}")
-        print(f"run dir: {run_dir}")
+        print(f"run dir: {run_dir or trainer.default_root_dir}")
         print(f"best checkpoint: {best or 'none'}")
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "best_ckpt": best}
+
+
+def resume_path(cfg: DictConfig, output_dir: str) -> str | None:
+    """`ckpt_path` as a file: the words `last` and `auto` resolved (kws_lightning/utils/resume.py)."""
+    from kws_lightning.utils import sweep_job
+    from kws_lightning.utils.resume import resolve_ckpt_path
+
+    runs_dir = Path(cfg.paths.log_dir) / str(cfg.task_name) / "runs"
+    return resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, runs_dir, in_sweep=sweep_job.is_multirun())
 
 
 def best_checkpoint(trainer: Any) -> str:
@@ -147,116 +167,11 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {name: float(value) for name, value in metrics.items()}
 
 
-def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value a sweeper optimises; a name the run never logged is an error that lists what it did log."""
-    if not name:
-        return None
-    if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
-    return metrics[name]
-
-
-def checkpoint_step(path: str) -> int | None:
-    """The global step a checkpoint was saved at (None without a checkpoint)."""
-    if not path:
-        return None
-    import torch
-
-    # mmap: only the small metadata is read, not the weights.
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
-
-
-def trainable_parameters(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def run_job(cfg: DictConfig, module_name: str = "kws_lightning.train") -> float | None:
-    """Train, write job_result.json, return the optimised metric.
-
-    In a sweep an exception is recorded (status failed, the error) and NaN returned, so the sweep goes on
-    and the summary lists the failure; a single run raises. A sweep job that Lightning would run as several
-    processes (DDP) runs as a single run in a process of its own (see kws_lightning.utils.sweep_job).
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-    from kws_lightning.utils import sweep_job
-    from kws_lightning.utils.job_result import FAILED, OK, error_message, make_result, write_job_result
-
-    start = time.monotonic()
-    metric = cfg.get("optimized_metric")
-    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    output_dir = hydra_cfg.runtime.output_dir if hydra_cfg else None
-    context = {
-        "overrides": list(hydra_cfg.overrides.task) if hydra_cfg else [],
-        "job_num": hydra_cfg.job.num if sweep_job.is_multirun() else None,
-    }
-    try:
-        if sweep_job.is_multirun() and sweep_job.launches_own_processes(cfg.trainer):
-            return _run_in_fresh_process(module_name, output_dir, metric, start, context)
-        metrics, objects = train(cfg)
-        value = optimized_value(metrics, metric)
-        trainer = objects["trainer"]
-        result = make_result(
-            OK,
-            metric,
-            metrics,
-            best_step=checkpoint_step(objects["best_ckpt"]),
-            params=trainable_parameters(objects["module"].model),
-            world_size=trainer.world_size,
-            best_checkpoint=objects["best_ckpt"] or None,
-            **context,
-        )
-    except Exception as error:
-        if output_dir and rank_zero_only.rank == 0:
-            failure = make_result(FAILED, metric, error=error_message(error), **context)
-            failure.wall_time_s = time.monotonic() - start
-            write_job_result(output_dir, failure)
-        if not sweep_job.is_multirun():
-            raise
-        log.exception("job %s failed; the sweep goes on (recorded in job_result.json)", context["job_num"])
-        return float("nan") if metric else None
-    result.wall_time_s = time.monotonic() - start
-    if output_dir and rank_zero_only.rank == 0:
-        write_job_result(output_dir, result)
-    return value
-
-
-def _run_in_fresh_process(
-    module_name: str, output_dir: str, metric: str | None, start: float, context: dict[str, Any]
-) -> float | None:
-    """Run the job as a single run in a new process; its job_result.json becomes this sweep job's."""
-    from kws_lightning.utils import sweep_job
-    from kws_lightning.utils.job_result import (
-        FAILED,
-        FILENAME,
-        OK,
-        make_result,
-        read_job_result,
-        write_job_result,
-    )
-
-    result_path = Path(output_dir) / FILENAME
-    result_path.unlink(missing_ok=True)
-    code = sweep_job.run_in_fresh_process(module_name, output_dir)
-    if result_path.is_file():
-        result = read_job_result(result_path)
-        result.job_num = context["job_num"]
-    else:
-        result = make_result(FAILED, metric, error=f"the job's process exited with code {code}", **context)
-    if code != 0 and result.status == OK:
-        result.status, result.error = FAILED, f"the job's process exited with code {code}"
-    result.wall_time_s = time.monotonic() - start
-    write_job_result(output_dir, result)
-    if result.status != OK:
-        log.error("job %s failed; the sweep goes on: %s", context["job_num"], result.error)
-        return float("nan") if metric else None
-    return result.value
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run_job(cfg)
+    from kws_lightning.utils.job_runner import run_job
+
+    return run_job(cfg, train, module_name="kws_lightning.train")
 
 
 if __name__ == "__main__":

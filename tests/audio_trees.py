@@ -46,3 +46,24 @@ def make_training_tree(
         noise = (rng.standard_normal(int(noise_seconds * 16000)) * 0.1 * 32767).astype(np.int16)
         write_wav(root / "_background_noise_" / "white_noise.wav", noise)
     return root
+
+
+def write_truncated_wav(path: Path, declared: int = 16000, present: int = 500) -> Path:
+    """A PCM16 mono WAV whose hand-built header declares `declared` samples but holds only `present`:
+    what a copy or download cut short leaves behind."""
+    import struct
+
+    data = tone(present / 16000).tobytes()[: 2 * present]
+    header = b"RIFF" + struct.pack("<I", 36 + 2 * declared) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+    header += b"data" + struct.pack("<I", 2 * declared)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + data)
+    return path
+
+
+def write_float_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    """A 32-bit float WAV holding `samples` as given (NaN and Inf included)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.asarray(samples, np.float32), rate, subtype="FLOAT")
+    return path

@@ -63,13 +63,18 @@ TINY_TRAIN_OVERRIDES = [
 @pytest.fixture(scope="session")
 def run_cli() -> object:
     """Run ``python -m kws_lightning.<entry> overrides...`` in `cwd`; returns the CompletedProcess."""
+    import os
     import subprocess
     import sys
 
-    def run(entry: str, *overrides: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        entry: str, *overrides: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """`env`: variables set on top of this process's environment."""
         return subprocess.run(
             [sys.executable, "-m", f"kws_lightning.{entry}", f"paths.log_dir={cwd / 'logs'}", *overrides],
             cwd=cwd,
+            env={**os.environ, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

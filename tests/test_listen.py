@@ -198,7 +198,7 @@ def test_listen_cli_on_real_speech_in_noise(tiny_checkpoint: dict, run_cli: obje
 
 
 def tiny_checkpoint_labels(tiny_checkpoint: dict) -> list[str]:
-    return torch.load(tiny_checkpoint["ckpt"], map_location="cpu", weights_only=False)["hyper_parameters"][
+    return torch.load(tiny_checkpoint["ckpt"], map_location="cpu", weights_only=True)["hyper_parameters"][
         "labels"
     ]
 

@@ -236,7 +236,7 @@ def test_checkpoint_stores_labels_and_rebuilds_the_model(tmp_path: Path) -> None
     loader = DataLoader(RepeatBatch(batch, 2), batch_size=None)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
 
-    saved = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["labels"] == LABELS
     assert saved["hyper_parameters"]["clip_samples"] == 16000
     assert saved["global_step"] == 2
@@ -321,7 +321,7 @@ def test_last_checkpoint_follows_the_latest_step_not_the_best(tmp_path: Path) ->
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
 
     def step_of(name: str) -> int:
-        return torch.load(tmp_path / name, map_location="cpu", weights_only=False)["global_step"]
+        return torch.load(tmp_path / name, map_location="cpu", weights_only=True)["global_step"]
 
     assert step_of("best.ckpt") == 2
     assert step_of("last.ckpt") == 5

@@ -51,6 +51,7 @@ def test_submission_with_probs_and_unreadable_clips(
         f"input={folder}",
         f"out={out}",
         "probs=true",
+        "strict=false",  # two unreadable clips on purpose: still exit 0
         "batch_size=16",
         "num_workers=2",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -63,12 +64,14 @@ def test_submission_with_probs_and_unreadable_clips(
     assert list(submission.columns) == ["fname", "label", *predictor.labels]
     assert set(submission["label"]) <= set(predictor.labels)
 
-    # Unreadable clips: a row each (label silence, no posteriors), a stderr summary, predict_errors.csv.
+    # Unreadable clips: a row each (label silence, no posteriors), a stderr summary, data_issues.csv in the
+    # run dir.
     bad = submission.set_index("fname").loc[["clip_broken.wav", "clip_empty.wav"]]
     assert (bad["label"] == "silence").all() and bad[predictor.labels].isna().all().all()
     assert "2 of 43 clip(s) could not be read" in result.stderr
-    errors = pd.read_csv(out.parent / "predict_errors.csv")
-    assert sorted(errors["fname"]) == ["clip_broken.wav", "clip_empty.wav"]
+    errors = pd.read_csv(tmp_path / "run" / "data_issues.csv")
+    assert sorted(errors["path"].map(lambda p: Path(p).name)) == ["clip_broken.wav", "clip_empty.wav"]
+    assert (errors["action"] == "skipped").all()
     assert errors["reason"].str.len().min() > 0
 
     # The readable rows equal the in-process predictor on the decoded clips: labels and posteriors.
@@ -97,6 +100,7 @@ def test_ensemble_tta_and_error_label(
     ckpt = tiny_checkpoint["ckpt"]
     out = tmp_path / "submission.csv"
     overrides = [f"ckpt_path=[{ckpt},{ckpt}]", f"input={folder}", f"out={out}", "probs=true", "tta=true"]
+    overrides.append(f"paths.output_dir={tmp_path / 'run'}")  # no Hydra run dir in-process
     # In-process (the CLI itself runs in the test above): predict() is what main() calls.
     summary = predict(
         compose("predict", *overrides, "error_label=unknown", "num_workers=0", "progress=false")
@@ -135,7 +139,7 @@ def test_tta_is_the_mean_of_shifted_and_gain_changed_clips(predictor: Predictor)
 
 
 def test_ensemble_of_checkpoints_with_other_labels_is_refused(tiny_checkpoint: dict, tmp_path: Path) -> None:
-    checkpoint = torch.load(tiny_checkpoint["ckpt"], map_location="cpu", weights_only=False)
+    checkpoint = torch.load(tiny_checkpoint["ckpt"], map_location="cpu", weights_only=True)
     labels = checkpoint["hyper_parameters"]["labels"]
     checkpoint["hyper_parameters"]["labels"] = [*labels[:2], *reversed(labels[2:])]
     other = tmp_path / "reordered.ckpt"

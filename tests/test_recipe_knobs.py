@@ -407,7 +407,7 @@ def test_ema_weights_are_validated_and_saved_for_inference(tmp_path: Path) -> No
     assert not torch.allclose(average[name], raw[name])
     torch.testing.assert_close(weights.in_validation[-1][name], average[name])
 
-    saved = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+    saved = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
     for key, tensor in average.items():
         torch.testing.assert_close(saved["state_dict"]["model." + key], tensor)
         torch.testing.assert_close(saved[RAW_WEIGHTS_KEY]["model." + key], raw[key])
@@ -429,7 +429,7 @@ def fit_with_ema(tmp_path: Path, max_steps: int, ckpt_path: str | None = None) -
     trainer.fit(
         module, train_dataloaders=loader(batch, 2), val_dataloaders=loader(batch, 1), ckpt_path=ckpt_path
     )
-    return torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def test_resume_restores_raw_and_averaged_weights(tmp_path: Path) -> None:

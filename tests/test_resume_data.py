@@ -67,7 +67,7 @@ def test_mid_epoch_resume_replays_the_remaining_batches(tmp_path, save_at):
         }
     first, _ = fit(root, tmp_path / "b", max_steps=save_every, **kwargs)
     ckpt = sorted((tmp_path / "ck").glob("*.ckpt"))[-1]
-    assert torch.load(ckpt, weights_only=False)["global_step"] == save_every
+    assert torch.load(ckpt, weights_only=True)["global_step"] == save_every
     rest, _ = fit(root, tmp_path / "c", max_steps=14, ckpt_path=str(ckpt), limit_val_batches=0)
     assert first == reference[:save_every]
     assert first + rest == reference

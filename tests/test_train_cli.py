@@ -113,7 +113,7 @@ def test_resume_continues_at_the_saved_step(tmp_path: Path, synthetic_overrides:
     first = tmp_path / "first"
     check_ok(run_train(tmp_path, *common, "trainer.max_steps=4", f"hydra.run.dir={first}"))
     last = first / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 4 and saved["epoch"] == 1
     momentum = saved["optimizer_states"][0]["state"]
     assert momentum, "the SGD momentum buffers are in the checkpoint"
@@ -122,7 +122,7 @@ def test_resume_continues_at_the_saved_step(tmp_path: Path, synthetic_overrides:
     stdout = check_ok(
         run_train(tmp_path, *common, "trainer.max_steps=8", f"ckpt_path={last}", f"hydra.run.dir={second}")
     )
-    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 8
     assert resumed["epoch"] == 2  # epochs 0 and 1 took 6 steps; steps 7-8 are epoch 2
     # The console table continues the step count: rows at 6 and 8 only, not from 0 again.
@@ -181,7 +181,7 @@ def test_test_weights_last_scores_the_final_checkpoint(
     stdout = check_ok(result)
     loaded = re.findall(r"Loaded model weights from the checkpoint at (\S+)", stdout + result.stderr)
     assert loaded == [str(run_dir / "checkpoints" / "last.ckpt")], loaded
-    assert torch.load(loaded[0], map_location="cpu", weights_only=False)["global_step"] == 3
+    assert torch.load(loaded[0], map_location="cpu", weights_only=True)["global_step"] == 3
     assert Path(final_lines(stdout)["best checkpoint"]).name.startswith("best-step000002")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -16,12 +16,17 @@ from kws_lightning.data.audio_io import AudioReadError, read_audio_int16
 from kws_lightning.data.augment import AugmentConfig, NoiseBank, prepare_batch, synthesize_silence
 from kws_lightning.data.dataset import ClipBatches, keep_batch
 from kws_lightning.data.index import IndexedDataset, index_training_layout
+from kws_lightning.data.issues import hydra_run_dir, report_issues
 from kws_lightning.data.sampler import SILENCE_ITEM, TFStyleSampler, fixed_selection
-from kws_lightning.data.wave_cache import WaveCache, load_or_build
+from kws_lightning.data.wave_cache import (
+    DEFAULT_MAX_CLIP_S,
+    WaveCache,
+    check_cache_settings,
+    load_or_build,
+)
 from kws_lightning.labels import DEFAULT_KEYWORDS, UNKNOWN, make_labels
 
 log = logging.getLogger(__name__)
-DEFAULT_CACHE_DIR = "logs/cache"
 
 
 class ResumableLoader(DataLoader):
@@ -51,6 +56,11 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
 
     Batches leave the DataLoader as int16 clips; `on_after_batch_transfer` turns them, on the device,
     into ``(waves float32 (B, clip_samples) in [-1, 1], targets int64 (B,))``.
+
+    Bad clips: unreadable or refused files are skipped, clips longer than `max_clip_s` (None: never)
+    cropped to their centre; both are logged in one line each and listed in ``data_issues.csv`` in
+    `report_dir` (None: the Hydra run dir when there is one). `cache_dir` None decodes in memory only;
+    `verify_cache` and `keep_caches` are described in `kws_lightning.data.wave_cache`.
     """
 
     def __init__(
@@ -72,13 +82,26 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         clip_duration_s: float = 1.0,
         decode_threads: int = 2,
         balance_keywords: bool = False,
+        max_clip_s: float | None = DEFAULT_MAX_CLIP_S,
+        verify_cache: Literal["full", "quick", "off"] = "quick",
+        keep_caches: int | None = 4,
+        report_dir: str | None = None,
     ) -> None:
         super().__init__()
         if root is None and synthetic is None:
             raise ValueError("no data: set data.root=PATH to a Speech Commands folder, or use data=synthetic")
+        if root is None and cache_dir is None:
+            raise ValueError("data=synthetic needs data.cache_dir (the speech is generated there)")
+        if max_clip_s is not None and max_clip_s < clip_duration_s:
+            raise ValueError(
+                f"data.max_clip_s={max_clip_s} is shorter than data.clip_duration_s={clip_duration_s}: "
+                "raise it (or null: never crop)"
+            )
+        check_cache_settings(verify_cache, keep_caches)
         # Absolute paths: checkpoints record them, and eval / predict may run from another directory.
+        # No cache_dir: decode in memory, never into wherever the command was launched.
         root = None if root is None else str(Path(root).expanduser().resolve())
-        cache_dir = str(Path(cache_dir or DEFAULT_CACHE_DIR).expanduser().resolve())
+        cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())
         self.save_hyperparameters(logger=False)
         self.keywords = list(keywords)
         self.labels = make_labels(self.keywords)
@@ -86,7 +109,7 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         self.sample_rate = sample_rate
         self.clip_samples = int(round(sample_rate * clip_duration_s))
         self.augment = AugmentConfig.from_mapping(augment)
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.dataset: IndexedDataset | None = None
         self.cache: WaveCache | None = None
         self._prepared: tuple[IndexedDataset, WaveCache] | None = None  # prepare_data's result, for setup
@@ -111,7 +134,7 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         if self.cache is None:
             self._prepared = self._index_and_cache()
 
-    def _index_and_cache(self) -> tuple[IndexedDataset, WaveCache]:
+    def _index_and_cache(self, verify: str | None = None) -> tuple[IndexedDataset, WaveCache]:
         hp = self.hparams
         dataset = index_training_layout(
             self.resolve_root(),
@@ -120,8 +143,15 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
             hp.testing_percentage,
             hp.split_files,
         )
+        max_samples = None if hp.max_clip_s is None else int(round(hp.max_clip_s * self.sample_rate))
         cache = load_or_build(
-            list(dataset.clips["path"]), self.cache_dir, self.sample_rate, hp.decode_threads
+            list(dataset.clips["path"]),
+            self.cache_dir,
+            self.sample_rate,
+            hp.decode_threads,
+            max_samples,
+            verify or hp.verify_cache,
+            hp.keep_caches if verify is None else None,
         )
         return dataset, cache
 
@@ -130,7 +160,12 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         prepared, self._prepared = self._prepared, None
-        self.dataset, self.cache = prepared or self._index_and_cache()
+        # Another process on this machine ran prepare_data (Lightning: local rank 0) and checked the cache a
+        # moment ago: the others trust it rather than each re-hashing it.
+        follower = self.trainer is not None and self.trainer.local_rank > 0
+        self.dataset, self.cache = prepared or self._index_and_cache("off" if follower else None)
+        if self.trainer is None or self.trainer.global_rank == 0:
+            report_issues(self.cache.issues, len(self.cache), hp.report_dir or hydra_run_dir())
         clips = self.dataset.clips
         clips["cache_id"] = np.arange(len(clips))
         clips["ok"] = self.cache.ok
@@ -207,6 +242,17 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
             parts.append(f"{split}: {len(subset)} clips, {subset['speaker'].nunique()} speakers")
         parts.append(f"epoch items: {self.train_sampler.epoch_size}")
         return "; ".join(parts)
+
+    def index_hash(self) -> str:
+        """sha256 of the clip table (path relative to the root, label, split; sorted by path): equal for
+        the same data set wherever it lives, different when a clip, a label or a split changes."""
+        import hashlib
+
+        clips = self.dataset.clips.sort_values("rel")
+        digest = hashlib.sha256()
+        for row in zip(clips["rel"], clips["label"], clips["split"], strict=True):
+            digest.update(("\t".join(map(str, row)) + "\n").encode("utf-8"))
+        return digest.hexdigest()
 
     # ---- loaders -----------------------------------------------------------------------------
     def _loader(self, dataset: ClipBatches, sampler: Any, loader_class: type = DataLoader) -> DataLoader:

@@ -1,8 +1,12 @@
-"""Build the run's objects from Hydra config nodes (`_target_`), one helper per kind."""
+"""Build the run's objects from Hydra config nodes (`_target_`), one helper per kind.
+
+For the configs a user composes (trusted); a checkpoint's stored config is built by
+`kws_lightning.checkpoints.build_stored` instead, through a registry, never by `_target_`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hydra.utils import instantiate
@@ -20,11 +24,19 @@ def build_kws_model(
     The network's input shape is measured from the front end on a clip of `num_samples`, so a feature
     change never needs a matching edit in the model config.
     """
+    return assemble_kws_model(instantiate(feature_cfg), instantiate(model_cfg), num_classes, num_samples)
+
+
+def assemble_kws_model(
+    frontend: Any, net_factory: Callable[..., Any], num_classes: int, num_samples: int = 16000
+) -> Any:
+    """`KWSModel(frontend, net)`, the network built by `net_factory` for the front end's measured output
+    shape. Shared by training (configs built by Hydra) and checkpoints (kws_lightning.checkpoints, whose
+    stored configs are built through a registry, never by Hydra)."""
     from kws_lightning.features import output_shape
     from kws_lightning.models.kws_model import KWSModel
 
-    frontend = instantiate(feature_cfg)
-    net = instantiate(model_cfg)(
+    net = net_factory(
         input_shape=tuple(output_shape(frontend, num_samples=num_samples)), num_classes=num_classes
     )
     return KWSModel(frontend, net)

@@ -17,11 +17,16 @@ from typing import Any
 FILENAME = "job_result.json"
 OK = "ok"
 FAILED = "failed"
+# Stopped by SIGINT/SIGTERM (Ctrl+C, a scheduler's preemption or time limit): last.ckpt holds the state at the
+# step it stopped, and `last_checkpoint` names it for `ckpt_path=`.
+INTERRUPTED = "interrupted"
+STATUSES = (OK, FAILED, INTERRUPTED)
 
 
 @dataclass
 class JobResult:
-    """One job's outcome. `value` is the optimised metric (`metric`), None when the job failed."""
+    """One job's outcome. `value` is the optimised metric (`metric`), None when the job failed, was
+    interrupted, or never logged it."""
 
     status: str
     metric: str | None
@@ -34,6 +39,7 @@ class JobResult:
     world_size: int | None = None
     error: str | None = None
     best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:

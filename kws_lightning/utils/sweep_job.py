@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,16 @@ def is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweeper_needs_value() -> bool:
+    """True in a sweep whose sweeper reads the value each job returns (Optuna's; the grid sweeper doesn't)."""
+    if not is_multirun():
+        return False
+    from hydra.core.hydra_config import HydraConfig
+
+    target = str(HydraConfig.get().sweeper.get("_target_") or "")
+    return not target.endswith("BasicSweeper")
 
 
 def swept_keys() -> set[str]:
@@ -153,4 +163,21 @@ def run_in_fresh_process(module: str, output_dir: str | os.PathLike) -> int:
     log.info("multi-process job: running it in a fresh process: %s", " ".join(command[1:]))
     env: dict[str, Any] = {**os.environ, SWEEP_JOB_ENV: sweep_job_name()}
     # stdout/stderr are not captured: the job's progress shows as it runs; errors go to job_result.json.
-    return subprocess.run(command, env=env, cwd=get_original_cwd(), check=False).returncode
+    # A session of its own, so Ctrl+C reaches it once, from here: the job saves last.ckpt and records itself
+    # as interrupted (kws_lightning/callbacks/stop_on_signal.py) before this process goes on.
+    process = subprocess.Popen(command, env=env, cwd=get_original_cwd(), start_new_session=True)
+    with _forward_signals(process):
+        return process.wait()
+
+
+def _forward_signals(process: subprocess.Popen) -> AbstractContextManager[None]:
+    """SIGINT/SIGTERM sent to this process go to `process` instead (which then ends on its own)."""
+    import signal
+
+    from kws_lightning.utils.signals import handling_signals
+
+    def forward(signum: int, frame: Any) -> None:
+        log.warning("passing %s on to the job's process %d", signal.Signals(signum).name, process.pid)
+        process.send_signal(signum)
+
+    return handling_signals(forward)
