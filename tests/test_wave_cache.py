@@ -119,6 +119,9 @@ CACHE_FAULTS = {
     "offsets.npy random bytes": lambda f: overwrite_npy_data(f / "offsets.npy"),
     "done.json truncated": lambda f: os.truncate(f / "done.json", 25),
     "done.json not json": lambda f: (f / "done.json").write_text("{garbage"),
+    "done.json without a checksum": lambda f: (f / "done.json").write_text(
+        (f / "done.json").read_text().replace('"crc32"', '"crc"')
+    ),
     "sources.npy missing": lambda f: (f / "sources.npy").unlink(),
 }
 

@@ -163,6 +163,11 @@ def _manifest(cache: WaveCache, sample_rate: int, max_samples: int | None, threa
     }
 
 
+def _array_spec(record: dict) -> dict:
+    """Every field this version reads from an array's record, so a partial or older record fails at once."""
+    return {"shape": list(record["shape"]), "dtype": str(record["dtype"]), "crc32": str(record["crc32"])}
+
+
 def _load_array(folder: Path, name: str, spec: dict, mmap: bool) -> np.ndarray:
     path = folder / f"{name}.npy"
     try:
@@ -210,7 +215,7 @@ def open_cache(
     """The cache in `folder`, checked as `verify` says; raises CacheError saying what is wrong."""
     try:
         meta = json.loads((folder / DONE).read_text())
-        specs = {name: meta["arrays"][name] for name in _ARRAYS}
+        specs = {name: _array_spec(meta["arrays"][name]) for name in _ARRAYS}
         issues = [ClipIssue(**i) for i in meta["issues"]]
         recorded = (meta["format"], meta["clips"], meta["sample_rate"], meta["max_samples"])
     except Exception as error:  # not JSON, or JSON without the fields this version writes
