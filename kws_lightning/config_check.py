@@ -30,6 +30,7 @@ from kws_lightning.utils.static_signature import (
     Signature,
     allowed_values,
     check_value,
+    expand_alias,
     module_exists,
     nested_signature,
     read_signature,
@@ -204,19 +205,7 @@ def _check_trainer_fractions(key: str, value: Any) -> str | None:
     return None
 
 
-# Allowed words the code's type hints do not spell as a Literal (a `str` parameter checked in its body).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "feature.pad_mode": ("constant", "reflect"),
-}
-
-
-def _check_choice(key: str, value: Any) -> str | None:
-    allowed = next(words for pattern, words in CHOICES.items() if fnmatch.fnmatchcase(key, pattern))
-    return None if value in allowed else f"expected one of {show(list(allowed))}"
-
-
 RANGE_FUNCTIONS: dict[str, Callable[[str, Any], str | None]] = {
-    **dict.fromkeys(CHOICES, _check_choice),
     "trainer.val_check_interval": _check_trainer_fractions,
     "trainer.limit_*_batches": _check_trainer_fractions,
 }
@@ -440,9 +429,10 @@ def check_node(signature: Signature, node: dict, path: str, partial: bool) -> It
             continue
         if partial and param.required and value is None:
             continue  # a partial's null required argument is filled in by the caller (scheduler.total_steps)
-        if check_value(param.hint, value) is False:
+        hint = expand_alias(signature.module, param.hint)
+        if check_value(hint, value) is False:
             hint_text = ast.unparse(param.hint)
-            allowed = allowed_values(param.hint)
+            allowed = allowed_values(hint)
             expected = f"one of {show(allowed)}" if allowed else hint_text
             yield Problem(full, f"={show(value)}: expected {expected} ({name}'s {key}: {hint_text})")
     if not partial and "_args_" not in node:

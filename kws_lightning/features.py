@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import Literal, get_args
 
 import librosa
 import numpy as np
@@ -34,6 +35,11 @@ import torch
 from torch import nn
 
 from kws_lightning.feature_norm import NORMALIZE_MODES, FeatureNorm, NormalizeMode
+
+# STFT edge padding (librosa >= 0.10: constant; honk-era librosa: reflect). A Literal, so the config check
+# refuses a typo before anything runs.
+PadMode = Literal["constant", "reflect"]
+PAD_MODES: tuple[str, ...] = get_args(PadMode)
 
 __all__ = [
     "MFCC",
@@ -181,11 +187,11 @@ class MelPowerSpectrogram(nn.Module):
         n_mels: int = 40,
         fmin: float = 20.0,
         fmax: float = 4000.0,
-        pad_mode: str = "constant",
+        pad_mode: PadMode = "constant",
     ) -> None:
         super().__init__()
-        if pad_mode not in ("constant", "reflect"):
-            raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         self.sample_rate = sample_rate
         self.n_fft = n_fft
         self.hop_length = hop_length
@@ -262,7 +268,7 @@ class MFCC(nn.Module):
         n_mfcc: int = 40,
         fmin: float = 20.0,
         fmax: float = 4000.0,
-        pad_mode: str = "constant",
+        pad_mode: PadMode = "constant",
         normalize: NormalizeMode = "none",
     ) -> None:
         super().__init__()
@@ -309,7 +315,7 @@ class LogMel(nn.Module):
         n_mels: int = 40,
         fmin: float = 20.0,
         fmax: float = 4000.0,
-        pad_mode: str = "constant",
+        pad_mode: PadMode = "constant",
         amin: float = 1e-10,
         top_db: float | None = 80.0,
         normalize: NormalizeMode = "none",

@@ -106,6 +106,11 @@ BAD = [
     (["feature.fmax=9000"], "feature.fmax", ["feature.fmax=9000", "allowed up to 8000"]),
     (["feature.hop_length=0"], "feature.hop_length", ["feature.hop_length=0", ">= 1"]),
     (["feature.pad_mode=zeros"], "feature.pad_mode", ["'zeros'", "one of ['constant','reflect']"]),
+    (
+        ["feature.normalize=per_clip"],
+        "feature.normalize",
+        ["'per_clip'", "one of ['none','per_utterance','dataset']"],
+    ),
     (["augment.time_shift.p=1.5"], "augment.time_shift.p", ["augment.time_shift.p=1.5", "[0, 1]"]),
     (["augment.noise.max_gain=-1"], "augment.noise.max_gain", ["augment.noise.max_gain=-1", ">= 0"]),
     (["augment.noise.enabled=maybe"], "augment.noise.enabled", ["'maybe'", "expected bool"]),

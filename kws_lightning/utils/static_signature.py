@@ -3,7 +3,7 @@
 Why: `kws_lightning.config_check` checks every config node against the callable it builds before training
 starts; importing those callables (torch, Lightning) takes seconds, reading their source takes
 milliseconds. Anything that cannot be read statically (a C extension, a name made at run time, an unknown
-type alias) is reported as unknown, never guessed: the checker then accepts the value.
+type alias defined elsewhere) is reported as unknown, never guessed: the checker then accepts the value.
 
 `read_signature("torch.optim.SGD")` follows re-exports (``from torch.optim.sgd import SGD as SGD``,
 ``from torch.nn.modules import *``), a class's ``__init__`` (or its base class's, or a dataclass's fields)
@@ -155,6 +155,32 @@ def resolve_name(module: Module, node: ast.expr) -> tuple[Module, ast.AST] | Non
                         prefix = alias.name if alias.asname else node.value.id
                         return _lookup(f"{prefix}.{node.attr}")
     return None
+
+
+def expand_alias(module: Module, hint: ast.expr | None, depth: int = 0) -> ast.expr | None:
+    """A hint naming a module-level type alias (``PadMode = Literal["constant", "reflect"]``, defined in
+    `module` or imported into it with ``from x import PadMode``): the aliased expression, so the alias is
+    checked like the hint it stands for; any other hint as it is."""
+    if not isinstance(hint, ast.Name) or depth > _MAX_DEPTH:
+        return hint
+    for stmt in module.tree.body:
+        if (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+            and stmt.targets[0].id == hint.id
+            and isinstance(stmt.value, ast.Subscript | ast.BinOp)
+        ):
+            return stmt.value
+        if isinstance(stmt, ast.ImportFrom):
+            for alias in stmt.names:
+                if (alias.asname or alias.name) == hint.id:
+                    source = load_module(_absolute(module, stmt))
+                    if source is None:
+                        return hint
+                    expanded = expand_alias(source, ast.Name(id=alias.name), depth + 1)
+                    return hint if isinstance(expanded, ast.Name) else expanded
+    return hint
 
 
 def _is_dataclass(node: ast.ClassDef) -> bool:
