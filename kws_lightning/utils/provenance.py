@@ -159,11 +159,11 @@ def write_run_info(run_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
 
 
 def read_checkpoint_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A checkpoint's provenance record (None when it has none). Read with weights_only=True and mmap: plain
-    data only, and the weights are not read."""
-    import torch
+    """A checkpoint's provenance record (None when it has none). Opened by the one safe loader
+    (`kws_lightning.checkpoints.load_checkpoint`, plain data only) with mmap: the weights are not read."""
+    from kws_lightning.checkpoints import load_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint(path, mmap=True)
     record = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     return record if isinstance(record, dict) else None
 
