@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DATA_ROOT ?= ../shared/data/speech_commands_dev
 
-.PHONY: venv train test lint format tensorboard benchmark clean
+.PHONY: venv train test data lint format tensorboard benchmark bench bench-scale clean
 
 venv: $(BIN)/.installed
 
@@ -24,6 +24,10 @@ train: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# Speech Commands v0.02 (2.4 GB, SHA-256 checked) into data/speech_commands_v0.02 (= data=speech_commands_v2).
+data: venv
+	$(BIN)/python -m kws_lightning.data.download dataset=v0.02
+
 lint: venv
 	$(BIN)/ruff check kws_lightning tests benchmarks experiments
 	$(BIN)/ruff format --check kws_lightning tests benchmarks experiments
@@ -37,6 +41,15 @@ tensorboard: venv
 
 benchmark: venv
 	$(BIN)/python benchmarks/input_pipeline.py --root $(DATA_ROOT)
+
+# Every benchmark script, one `name value unit` line per figure, table in benchmarks/README.md (< 10 min).
+BENCH_THREADS ?= 2
+bench: venv
+	KWS_DEV_DATA=$(DATA_ROOT) $(BIN)/python benchmarks/run_all.py --threads $(BENCH_THREADS)
+
+# The 65,000-clip scale run (cache build, one epoch, peak RSS): its own target, several minutes.
+bench-scale: venv
+	KWS_DEV_DATA=$(DATA_ROOT) $(BIN)/python benchmarks/run_all.py --scale --threads $(BENCH_THREADS)
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Exported model sizes and single-clip CPU latency (PyTorch eager, TorchScript, ONNX Runtime), and the
 streaming real-time factor of `kws_lightning.listen` on one core.
 
-Prints one figure per line (``name: value unit``). Latency is the median over `--runs` calls on one
+Prints one ``name value unit`` figure per line. Latency is the median over `--runs` calls on one
 1 s clip with one intra-op thread (torch and onnxruntime alike), after warm-up. The streaming figure
 runs `StreamingDetector` (1 s window every `--hop-ms`, batches of windows) over 60 s of noise.
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import figure
 from predict_throughput import add_model_arguments, predictor_from_args  # the sibling script
 
 from kws_lightning.export import ExportedModel, export_onnx, export_torchscript, load_exported
@@ -55,13 +56,13 @@ def main() -> None:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     print(f"model: {type(model.frontend).__name__} + {type(model.net).__name__}, {args.threads} thread(s)")
-    print(f"state_dict_size: {buffer.tell() / 1e6:.2f} MB")
+    figure("state_dict_mb", buffer.tell() / 1e6, "MB")
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(module, Path(tmp) / "m.onnx", predictor.clip_samples, metadata)
         script_path = export_torchscript(module, Path(tmp) / "m.pt", predictor.clip_samples, metadata)
-        print(f"onnx_file_size: {onnx_path.stat().st_size / 1e6:.2f} MB")
-        print(f"torchscript_file_size: {script_path.stat().st_size / 1e6:.2f} MB")
+        figure("onnx_file_mb", onnx_path.stat().st_size / 1e6, "MB")
+        figure("torchscript_file_mb", script_path.stat().st_size / 1e6, "MB")
         onnx_run = load_exported(onnx_path, "onnx", threads=args.threads)
         script_run = load_exported(script_path, "torchscript")
         waves = torch.from_numpy(clip)
@@ -74,10 +75,10 @@ def main() -> None:
             with torch.inference_mode():
                 return model.frontend(waves)
 
-        print(f"pytorch_eager_latency: {median_ms(eager, args.runs):.2f} ms/clip")
-        print(f"torchscript_latency: {median_ms(lambda: script_run(clip), args.runs):.2f} ms/clip")
-        print(f"onnxruntime_latency: {median_ms(lambda: onnx_run(clip), args.runs):.2f} ms/clip")
-        print(f"pytorch_frontend_only_latency: {median_ms(frontend_only, args.runs):.2f} ms/clip")
+        figure("pytorch_eager_latency_ms", median_ms(eager, args.runs), "ms/clip")
+        figure("torchscript_latency_ms", median_ms(lambda: script_run(clip), args.runs), "ms/clip")
+        figure("onnxruntime_latency_ms", median_ms(lambda: onnx_run(clip), args.runs), "ms/clip")
+        figure("pytorch_frontend_only_latency_ms", median_ms(frontend_only, args.runs), "ms/clip")
 
     detector = StreamingDetector(predictor, RecognizeCommands(predictor.labels), args.hop_ms, batch_size=64)
     stream = np.random.default_rng(1).normal(0, 0.05, 60 * predictor.sample_rate).astype(np.float32)
@@ -85,7 +86,8 @@ def main() -> None:
     started = time.perf_counter()
     detector.feed(stream)
     rtf = (time.perf_counter() - started) / 60.0
-    print(f"listen_real_time_factor: {rtf:.4f} (hop {args.hop_ms:.0f} ms, {args.threads} thread(s))")
+    print(f"streaming: hop {args.hop_ms:.0f} ms, {args.threads} thread(s), windows in batches of 64")
+    figure("listen_rtf_batched_export_model", rtf, "x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Front-end throughput: batched torch front ends vs the seeds' per-clip librosa / scipy loops.
 
-Prints one figure per line (``name: value unit``). Run: ``python benchmarks/frontend_speed.py [--batch 128]``.
+Prints one ``name value unit`` figure per line. Run: ``python benchmarks/frontend_speed.py [--batch 128]``.
 Clips are 1 s of noise at 16 kHz; the reference loops are what the seeds ran per clip in their data loaders.
 Each rate is the best single call over a short window, which is robust to other jobs sharing the CPU.
 """
@@ -16,6 +16,7 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 import torch
+from bench_common import figure
 
 from kws_lightning.features import MFCC, LogMel, LogSpectrogram
 
@@ -58,11 +59,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     waves = np.random.default_rng(0).normal(0.0, 0.1, (args.batch, 16000)).astype(np.float32)
     batch = torch.from_numpy(waves)
-    print(f"torch_threads: {torch.get_num_threads()}")
+    print(f"setup: {torch.get_num_threads()} torch threads")
     for name, frontend in (("mfcc", MFCC()), ("logmel", LogMel()), ("logspec", LogSpectrogram())):
         with torch.inference_mode():
             rate = clips_per_second(lambda f=frontend: f(batch), args.batch, args.seconds)
-        print(f"{name}_torch_cpu_batch{args.batch}: {rate:.0f} clips/s")
+        figure(f"{name}_torch_cpu_batch{args.batch}", rate, "clips/s")
         if torch.cuda.is_available():
             gpu_frontend, gpu_batch = frontend.cuda(), batch.cuda()
 
@@ -72,11 +73,11 @@ def main() -> None:
 
             with torch.inference_mode():
                 rate = clips_per_second(run_gpu, args.batch, args.seconds)
-            print(f"{name}_torch_cuda_batch{args.batch}: {rate:.0f} clips/s")
+            figure(f"{name}_torch_cuda_batch{args.batch}", rate, "clips/s")
 
     for name, reference in (("mfcc", honk_mfcc), ("logspec", kaggle_log_spec)):
         rate = clips_per_second(lambda r=reference: [r(y) for y in waves], args.batch, args.seconds)
-        print(f"{name}_reference_per_clip_cpu: {rate:.0f} clips/s")
+        figure(f"{name}_reference_per_clip_cpu", rate, "clips/s")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Indexes the folder as training does, builds the cache in a temporary folder `--repeats` times (best time
 kept; the source files are in the page cache after the first read), then times a hit with
-``verify_cache=off|quick|full``. Prints one `name: value` figure per line.
+``verify_cache=off|quick|full``. Prints one ``name value unit`` figure per line.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import DEV_DATA, figure
 
 from kws_lightning.data.index import index_training_layout
 from kws_lightning.data.wave_cache import DEFAULT_MAX_CLIP_S, load_or_build
@@ -29,22 +31,22 @@ def best_of(repeats: int, run: object) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default="../shared/data/speech_commands_dev")
+    parser.add_argument("--root", default=DEV_DATA)
     parser.add_argument("--threads", type=int, default=2, help="data.decode_threads")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     paths = list(index_training_layout(args.root).clips["path"])
     max_samples = int(DEFAULT_MAX_CLIP_S * 16000)
-    print(f"clips: {len(paths)}")
+    print(f"setup: {len(paths)} clips")
     with tempfile.TemporaryDirectory() as tmp:
         builds = iter(range(args.repeats))
 
         def build() -> None:
             load_or_build(paths, Path(tmp) / f"b{next(builds)}", 16000, args.threads, max_samples)
 
-        print(f"build_s: {best_of(args.repeats, build):.2f}")
+        figure("wave_cache_build_s", best_of(args.repeats, build), "s")
         cache = load_or_build(paths, Path(tmp) / "b0", 16000, args.threads, max_samples)
-        print(f"cache_mb: {cache.samples.nbytes / 1e6:.1f}")
+        figure("wave_cache_mb", cache.samples.nbytes / 1e6, "MB")
         for mode in ("off", "quick", "full"):
             seconds = best_of(
                 args.repeats,
@@ -52,7 +54,7 @@ def main() -> None:
                     paths, Path(tmp) / "b0", 16000, args.threads, max_samples, mode
                 ),
             )
-            print(f"hit_verify_{mode}_s: {seconds:.2f}")
+            figure(f"wave_cache_hit_verify_{mode}_s", seconds, "s")
 
 
 if __name__ == "__main__":

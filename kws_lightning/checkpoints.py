@@ -182,6 +182,32 @@ def build_stored(config: Mapping[str, Any], key: str, path: str | Path) -> Any:
     return _build(node, allowed)
 
 
+def stored_datamodule(
+    config: Mapping[str, Any],
+    path: str | Path,
+    data_root: str | None,
+    use: str,
+    fix: str,
+    **updates: Any,
+) -> Any:
+    """The data module checkpoint `path` was trained with, rebuilt from its stored `config` (through
+    `build_stored`), with `updates` (cache_dir, batch_size, ...) and `data_root` in place of its root.
+    `use` says what it is rebuilt for and `fix` what to pass instead, in the errors."""
+    data_cfg = dict(config.get("data") or {})
+    if TARGET not in data_cfg:
+        raise ValueError(f"{path} records no data config: {use} needs one; {fix}")
+    data_cfg.update(updates)
+    if data_root is not None:
+        data_cfg["root"] = data_root
+    root = data_cfg.get("root")
+    if root is not None and not Path(root).expanduser().is_dir():
+        raise ValueError(
+            f"{use} reads the checkpoint's data set, but its data root {root} is not a folder from "
+            f"{Path.cwd()} (relative roots are relative to where training was launched): {fix}"
+        )
+    return build_stored({"data": data_cfg}, "data", path)
+
+
 def build_checkpoint_model(
     checkpoint: Mapping[str, Any], path: str | Path
 ) -> tuple[nn.Module, dict[str, Any]]:

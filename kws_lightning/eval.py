@@ -9,7 +9,8 @@ every clip).
 
 Prints what produced each checkpoint (its provenance record: code version, libraries, data index hash,
 command). Writes to the run dir (logs/eval/runs/<timestamp>): metrics.json (with those records),
-confusion_matrix.csv / .png and misclassified.csv (file, true label, top-3 labels with posteriors).
+confusion_matrix.csv / .png, misclassified.csv (file, true label, top-3 labels with posteriors) and
+det_clips.csv / .json / .png (per-keyword one-vs-rest DET of the clip scores; the stream view is stream_eval).
 """
 
 from __future__ import annotations
@@ -53,26 +54,21 @@ def datamodule_test_set(
     """The checkpoint's own fixed draw of `split` (testing or validation), rebuilt by
     `SpeechCommandsDataModule` from its data config (by `kws_lightning.checkpoints.build_stored`: only a
     registered data module, never whatever `_target_` the checkpoint names)."""
-    from kws_lightning.checkpoints import build_stored
+    from kws_lightning.checkpoints import stored_datamodule
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
-    data_cfg = dict(predictor.configs[0].get("data") or {})
-    if "_target_" not in data_cfg:
-        raise ValueError(
-            f"{predictor.paths[0]} records no data config: score it on a folder with input=DIR instead"
-        )
-    data_cfg.update(cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)
-    if data_root is not None:
-        data_cfg["root"] = data_root
-    root = data_cfg.get("root")
-    if root is not None and not Path(root).expanduser().is_dir():
-        raise ValueError(
-            f"the checkpoint's data root {root} is not a folder from {Path.cwd()} (relative roots are "
-            "relative to where training was launched): pass data_root=PATH, or score a folder with input=DIR"
-        )
-    datamodule = build_stored({"data": data_cfg}, "data", predictor.paths[0])
+    datamodule = stored_datamodule(
+        predictor.configs[0],
+        predictor.paths[0],
+        data_root,
+        f"scoring its {split} split",
+        "pass data_root=PATH, or score a folder with input=DIR",
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
     if datamodule.labels != predictor.labels:
         raise ValueError(
             f"the data config rebuilds labels {datamodule.labels}, but the checkpoint predicts "
@@ -297,15 +293,22 @@ def checkpoint_provenance(paths: Sequence[str]) -> dict[str, Any]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score, print, and write the report files into `cfg.paths.output_dir`. Returns the metrics."""
-    from kws_lightning.inference import Predictor, TTAConfig, checkpoint_paths
+    from kws_lightning.inference import Predictor, TTAConfig
+    from kws_lightning.stream_bench.clip_det import write_clip_det
 
-    predictor = Predictor.from_checkpoints(checkpoint_paths(cfg.ckpt_path), cfg.device)
-    provenance = checkpoint_provenance(predictor.paths)
+    # ckpt_path=CKPT, or model_path= an exported .onnx (float or int8) / .pt, scored the same way.
+    predictor = Predictor.from_config(cfg.get("ckpt_path"), cfg.get("model_path"), cfg.device)
+    provenance = {} if cfg.get("model_path") else checkpoint_provenance(predictor.paths)
     split = cfg.get("split", "testing")
     if cfg.get("input"):
         if split != "testing":
             raise ValueError(f"split={split} scores the checkpoint's own data set: drop input=DIR, or split")
-        eval_set = folder_test_set(predictor, cfg.input, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers)
+        # input=test_v0.02 / test_v0.01: the official test set's folder under paths.data_dir (download=true
+        # fetches it first; kws_lightning/data/provision.py).
+        from kws_lightning.data.provision import resolve_test_set_input
+
+        folder = resolve_test_set_input(str(cfg.input), cfg.paths.data_dir, bool(cfg.get("download", False)))
+        eval_set = folder_test_set(predictor, folder, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers)
     else:
         eval_set = datamodule_test_set(
             predictor, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers, cfg.get("data_root"), split
@@ -321,6 +324,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["provenance"] = provenance
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics["clip_det"] = write_clip_det(targets, probs, predictor.labels, out_dir)  # det_clips.*
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     matrix = confusion_matrix(targets, probs.argmax(axis=1), len(predictor.labels))
     write_confusion(matrix, predictor.labels, out_dir)
@@ -337,7 +341,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)["accuracy"]
+    from kws_lightning.data.extract import ArchiveError
+    from kws_lightning.data.fetch import DownloadError
+
+    try:
+        return evaluate(cfg)["accuracy"]
+    except (ArchiveError, DownloadError) as error:  # input=test_v0.0X: one line naming the fix
+        import sys
+
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

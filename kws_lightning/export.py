@@ -134,13 +134,56 @@ def load_exported(
     raise ValueError(f"format={fmt!r} unknown; valid: {list(FORMATS)}")
 
 
+class ExportedRunner(nn.Module):
+    """An exported file as a module: float waves (B, N) -> logits (B, classes), on the CPU, so a `Predictor`
+    scores it exactly as it scores a checkpoint's `KWSModel` (a `probs` export returns log-posteriors,
+    which the predictor's softmax turns back into the same posteriors)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        path = Path(path).expanduser()
+        fmt = next((f for f, suffix in FORMATS.items() if path.suffix == suffix), None)
+        if fmt is None:
+            raise ValueError(
+                f"model_path={path}: not an exported model (.onnx or .pt of kws_lightning.export)"
+            )
+        if not path.is_file():
+            raise ValueError(
+                f"model_path={path} does not exist: export one with python -m kws_lightning.export"
+            )
+        self.path, self.format = path, fmt
+        try:
+            self.metadata = read_metadata(path, fmt)
+        except Exception as error:  # a damaged or foreign file: say which and why, no deep traceback
+            raise ValueError(f"model_path={path} cannot be read as {fmt}: {error}") from None
+        missing = [k for k in ("labels", "sample_rate", "clip_samples") if k not in self.metadata]
+        if missing:
+            raise ValueError(
+                f"model_path={path} lacks the metadata {missing}: export it with kws_lightning.export"
+            )
+        self.run = load_exported(path, fmt, threads)
+        self.probs = self.metadata.get("output") == "probs"
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        out = torch.from_numpy(np.asarray(self.run(waves.detach().cpu().float().numpy()), np.float32))
+        return torch.log(out.clamp_min(1e-30)) if self.probs else out
+
+
+def _json_or_text(value: str) -> Any:
+    # Tools that rewrite a graph (onnxruntime's quantiser, optimisers) may add plain-text entries.
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def read_metadata(path: str | Path, fmt: str) -> dict[str, Any]:
     """The metadata written into an exported file (labels, sample_rate, clip_samples, output, ...)."""
     if fmt == "onnx":
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)
-        return {p.key: json.loads(p.value) for p in proto.metadata_props}
+        return {p.key: _json_or_text(p.value) for p in proto.metadata_props}
     extra = {METADATA_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -215,12 +258,23 @@ def export_checkpoint(
     output: str = "logits",
     verify_input: str | None = None,
     verify_clips: int = 32,
+    quantize: str = "none",
+    calibration_clips: int = 400,
+    calibration_root: str | None = None,
+    per_channel: bool = True,
 ) -> dict[str, Any]:
-    """Export one checkpoint; returns the path, size and verification figures."""
+    """Export one checkpoint; returns the path, size and verification figures. With quantize=int8 (ONNX
+    only) `out` is the float model and the int8 model goes beside it as <stem>.int8.onnx
+    (kws_lightning/quantize.py); its figures are under the "int8" key."""
     from kws_lightning.inference import Predictor
+    from kws_lightning.quantize import QUANTIZE
 
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} unknown; valid: {list(FORMATS)}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} unknown; valid: {list(QUANTIZE)}")
+    if quantize != "none" and fmt != "onnx":
+        raise ValueError(f"quantize={quantize} needs format=onnx (onnxruntime's quantisation)")
     predictor = Predictor.from_checkpoints(ckpt_path, "cpu")
     module = ExportedModel(predictor.models[0], output).eval()
     metadata = {
@@ -230,6 +284,8 @@ def export_checkpoint(
         "input": f"waves float32 (batch, {predictor.clip_samples}) in [-1, 1]",
         "output": output,
         "checkpoint": str(Path(ckpt_path).resolve()),
+        # The data config, so `eval model_path=...` rebuilds the same test draw as for the checkpoint.
+        "data": predictor.configs[0].get("data"),
     }
     path = Path(out).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +294,17 @@ def export_checkpoint(
 
     waves, source = verification_waves(predictor, verify_input, verify_clips)
     check = verify(module, load_exported(path, fmt), waves)
-    return {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "verified_on": source, **check}
+    result = {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "verified_on": source, **check}
+    if quantize == "int8":
+        from kws_lightning.quantize import calibration_waves, quantize_int8
+
+        int8_path = path.with_name(f"{path.stem}.int8{path.suffix}")
+        calibration = calibration_waves(predictor, calibration_clips, data_root=calibration_root)
+        sizes = quantize_int8(path, int8_path, calibration, per_channel)
+        check = verify(module, load_exported(int8_path, fmt), waves)
+        result["weights"] = sizes["float"]
+        result["int8"] = {"path": str(int8_path), "bytes": int8_path.stat().st_size, **check, **sizes["int8"]}
+    return result
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -246,7 +312,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"format={cfg.format!r} unknown; valid: {list(FORMATS)}")
     out = cfg.get("out") or Path(cfg.paths.output_dir) / f"model{FORMATS[cfg.format]}"
     result = export_checkpoint(
-        str(cfg.ckpt_path), cfg.format, out, cfg.output, cfg.get("verify_input"), cfg.verify_clips
+        str(cfg.ckpt_path),
+        cfg.format,
+        out,
+        cfg.output,
+        cfg.get("verify_input"),
+        cfg.verify_clips,
+        cfg.get("quantize", "none"),
+        cfg.get("calibration_clips", 400),
+        cfg.get("calibration_root"),
+        bool(cfg.get("quantize_per_channel", True)),
     )
     print(f"wrote {result['path']} ({result['format']}, {result['bytes'] / 1e6:.2f} MB)")
     print(
@@ -257,6 +332,18 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise RuntimeError(
             f"the exported model disagrees with PyTorch (max |diff| {result['max_abs_diff']:.3g} > "
             f"tolerance {cfg.tolerance}, or different predictions): do not use {result['path']}"
+        )
+    if "int8" in result:
+        q, w = result["int8"], result["weights"]
+        print(
+            f"wrote {q['path']} (int8 QDQ, {q['bytes'] / 1e6:.2f} MB); network weights "
+            f"{w['network_bytes']} -> {q['network_bytes']} bytes "
+            f"({w['network_bytes'] / max(q['network_bytes'], 1):.2f}x smaller), "
+            f"front-end constants {w['frontend_bytes']} -> {q['frontend_bytes']} bytes (kept float)"
+        )
+        print(
+            f"int8 vs PyTorch on {result['verified_on']}: max |diff| {q['max_abs_diff']:.3g}, same top-1 "
+            f"predictions: {q['same_predictions']} (score accuracy with `eval model_path={q['path']}`)"
         )
     return result
 

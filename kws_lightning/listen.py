@@ -18,7 +18,7 @@ import queue
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ class RecognizeCommands:
         suppression_ms: float = 500.0,
         minimum_count: int = 3,
         ignore: Sequence[str] = (SILENCE, UNKNOWN),
+        keyword_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         if average_window_ms <= 0 or minimum_count < 1:
             raise ValueError(
@@ -75,6 +76,8 @@ class RecognizeCommands:
         self.suppression_ms = suppression_ms
         self.minimum_count = minimum_count
         self.ignore = set(ignore)
+        # Tuned per keyword (kws_lightning.stream_eval tune=true); other labels use detection_threshold.
+        self.keyword_thresholds = dict(keyword_thresholds or {})
         self.results: deque[tuple[float, np.ndarray]] = deque()
         self.previous_label: str | None = None
         self.previous_time_ms = -np.inf
@@ -96,7 +99,7 @@ class RecognizeCommands:
         top = int(average.argmax())
         label, score = self.labels[top], float(average[top])
         if (
-            score > self.detection_threshold
+            score > self.keyword_thresholds.get(label, self.detection_threshold)
             and label != self.previous_label
             and time_ms - self.previous_time_ms > self.suppression_ms
         ):
@@ -110,11 +113,19 @@ class StreamingDetector:
     """Feed audio of any chunk size; every `hop_ms` a window of the last clip_samples is scored.
 
     The stream is taken to start in digital silence (the first windows are zero-padded on the left), so a
-    word in the first second is heard too. Windows of one `feed` go through the model in batches.
+    word in the first second is heard too. Windows of one `feed` go through the model in batches, or, with
+    `incremental` (true, or auto: when the model allows it; kws_lightning/streaming_state.py), one by one
+    reusing the previous windows' frames and activations, with the same posteriors (fewer multiply-adds,
+    but not faster in eager PyTorch on a CPU, hence off by default).
     """
 
     def __init__(
-        self, predictor: Any, recognizer: RecognizeCommands, hop_ms: float = 100.0, batch_size: int = 64
+        self,
+        predictor: Any,
+        recognizer: RecognizeCommands,
+        hop_ms: float = 100.0,
+        batch_size: int = 64,
+        incremental: str | bool = "false",
     ):
         self.predictor = predictor
         self.recognizer = recognizer
@@ -128,6 +139,9 @@ class StreamingDetector:
         self.total = 0  # samples consumed
         self.next_end = self.hop  # stream position (samples) where the next window ends
         self.windows = 0
+        from kws_lightning.streaming_state import build_incremental
+
+        self.incremental = build_incremental(predictor, self.hop, incremental)
 
     def feed(self, chunk: np.ndarray) -> list[Detection]:
         """Consume float samples in [-1, 1] (or int16); returns the detections they completed."""
@@ -146,7 +160,13 @@ class StreamingDetector:
             windows = torch.from_numpy(buffer[first:]).unfold(0, self.clip, self.hop)[:count]
             ends = self.next_end + self.hop * np.arange(count)
             for start in range(0, count, self.batch_size):
-                probs = self.predictor.posteriors(windows[start : start + self.batch_size]).cpu().numpy()
+                if self.incremental is not None:  # stream sample of window i's start: ends[i] - clip
+                    batch = zip(windows[start : start + self.batch_size], ends[start:], strict=False)
+                    probs = np.concatenate(
+                        [self.incremental.posteriors(w, int(e) - self.clip).numpy() for w, e in batch]
+                    )
+                else:
+                    probs = self.predictor.posteriors(windows[start : start + self.batch_size]).cpu().numpy()
                 for window_end, row in zip(ends[start : start + self.batch_size], probs, strict=True):
                     found = self.recognizer.process(1000.0 * window_end / self.rate, row)
                     if found is not None:
@@ -246,7 +266,8 @@ def write_detections(detections: Sequence[Detection], path: Path) -> None:
 def listen(cfg: DictConfig) -> list[Detection]:
     import torch
 
-    from kws_lightning.inference import Predictor, checkpoint_paths
+    from kws_lightning.inference import Predictor
+    from kws_lightning.stream_bench.settings import resolve_settings
 
     if not cfg.get("input"):
         raise ValueError("input is required: input=long.wav, or input=mic for the default microphone")
@@ -254,15 +275,16 @@ def listen(cfg: DictConfig) -> list[Detection]:
         import_sounddevice()  # fail before loading the model
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    predictor = Predictor.from_checkpoints(checkpoint_paths(cfg.ckpt_path), cfg.device)
-    recognizer = RecognizeCommands(
-        predictor.labels,
-        cfg.average_window_ms,
-        cfg.detection_threshold,
-        cfg.suppression_ms,
-        cfg.minimum_count,
+    # ckpt_path=CKPT, or model_path= an exported model (.onnx float or int8, .pt): it runs whole windows.
+    predictor = Predictor.from_config(cfg.get("ckpt_path"), cfg.get("model_path"), cfg.device)
+    # Settings given on the command line, else those tuned into the checkpoint, else TF's defaults.
+    tuned_in = [] if cfg.get("model_path") else predictor.paths  # an export carries no tuned settings yet
+    settings, source = resolve_settings(cfg, tuned_in, predictor.labels)
+    log.info("detector settings (%s): %s", source, settings.to_dict())
+    recognizer = settings.recognizer(predictor.labels)
+    detector = StreamingDetector(
+        predictor, recognizer, cfg.hop_ms, cfg.batch_size, cfg.get("incremental", "false")
     )
-    detector = StreamingDetector(predictor, recognizer, cfg.hop_ms, cfg.batch_size)
     if cfg.input == MIC:
         detections = listen_microphone(detector, cfg.get("duration_s"))
     else:

@@ -67,10 +67,30 @@ def test_cnn_trad_pool2_minimum_input_is_exact():
 def test_cnn_trad_pool2_dropout_placement():
     model = build_model("cnn_trad_pool2", MFCC_SHAPE, 12)
     kinds = [type(m).__name__ for m in model.features]
-    assert kinds == ["Conv2d", "ReLU", "Identity", "MaxPool2d", "Conv2d", "ReLU", "Dropout"]
+    assert kinds == ["Conv2d", "MaxPool2d", "ReLU", "Identity", "Conv2d", "ReLU", "Dropout"]
     honk = build_model("cnn_trad_pool2", MFCC_SHAPE, 12, conv1_dropout=True)
-    assert isinstance(honk.features[2], nn.Dropout)
+    assert [type(m).__name__ for m in honk.features][:4] == ["Conv2d", "ReLU", "Dropout", "MaxPool2d"]
     assert n_params(honk) == 493_708
+
+
+def test_cnn_trad_pool2_pools_before_relu_with_the_papers_outputs_and_gradients():
+    """Pool-then-ReLU (the faster order) equals the paper's conv -> ReLU -> pool, forward and backward."""
+    torch.manual_seed(0)
+    model = build_model("cnn_trad_pool2", MFCC_SHAPE, 12).eval()
+    conv1, conv2 = model.features[0], model.features[4]
+    x = torch.randn(3, *MFCC_SHAPE)
+    reference_input = x.clone().requires_grad_(True)
+    hidden = torch.relu(conv2(nn.functional.max_pool2d(torch.relu(conv1(reference_input)), (2, 2))))
+    reference = model.classifier(hidden.flatten(1))
+    reference.sum().backward()
+    reference_grad = conv1.weight.grad.clone()
+    model.zero_grad()
+    ours_input = x.clone().requires_grad_(True)
+    ours = model(ours_input)
+    ours.sum().backward()
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(conv1.weight.grad, reference_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_input.grad, reference_input.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_cnn_trad_pool2_rejects_wrong_feature_shape_at_forward():

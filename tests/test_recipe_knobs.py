@@ -534,8 +534,14 @@ def test_the_recipes_exist() -> None:
     )
 
 
-# Real-data recipes leave data.root to the user, except those defined on the dev set itself.
+# Real-data recipes leave data.root to the user, except those defined on the dev set itself and the
+# full-data recipes (data=speech_commands_v1 / _v2: the download folder under paths.data_dir).
 DEFAULT_ROOT_RECIPES = {"feature_sweep": "../shared/data/speech_commands_dev"}
+
+
+def full_recipe_version(name: str) -> str:
+    """The Speech Commands version a `*_v1_full` / `*_v2_full` recipe trains on."""
+    return "v0.02" if name.endswith("_v2_full") else "v0.01"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -547,6 +553,9 @@ def test_every_experiment_composes_and_builds(name: str, tmp_path: Path) -> None
     if cfg.data.synthetic is None:  # a real-data recipe: the user says where the data is
         if name in DEFAULT_ROOT_RECIPES:
             assert cfg.data.root == DEFAULT_ROOT_RECIPES[name]
+        elif name in FULL_RECIPES:
+            version = full_recipe_version(name)
+            assert cfg.data.root == f"{cfg.paths.data_dir}/speech_commands_{version}"
         else:
             assert OmegaConf.is_missing(cfg.data, "root")
         cfg.data.root = str(tmp_path)
@@ -571,7 +580,12 @@ def test_every_experiment_composes_and_builds(name: str, tmp_path: Path) -> None
 def test_speech_commands_recipes(name: str) -> None:
     cfg = recipe(name)
     assert cfg.data._target_.endswith("SpeechCommandsDataModule") and cfg.data.synthetic is None
-    assert OmegaConf.is_missing(cfg.data, "root")
+    if name in FULL_RECIPES:  # data=speech_commands_v1 / _v2: data.download=true fetches the right version
+        version = full_recipe_version(name)
+        assert cfg.data.dataset == version and cfg.data.download is False
+        assert cfg.data.root.endswith(f"/speech_commands_{version}")
+    else:
+        assert OmegaConf.is_missing(cfg.data, "root")
     if name in DEV_RECIPES:  # CPU budgets with every knob on
         assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_epochs > 0
         assert cfg.spec_augment._target_.endswith("SpecAugment")

@@ -141,7 +141,13 @@ def decode_audio(path: str | Path, sample_rate: int = 16000, max_samples: int | 
     WAVs holding NaN or Inf. A clip longer than `max_samples` is cropped to its centre (what evaluation
     scores) and the returned `note` says so.
     """
-    data = read_file_bytes(path)
+    return decode_audio_bytes(read_file_bytes(path), path, sample_rate, max_samples)
+
+
+def decode_audio_bytes(
+    data: bytes, path: str | Path, sample_rate: int = 16000, max_samples: int | None = None
+) -> DecodedAudio:
+    """`decode_audio` of bytes already in memory (an upload); `path` only names them in errors."""
     if not data:
         raise AudioReadError(path, "the file is empty (0 bytes)")
     digest = file_digest(data)

@@ -168,7 +168,7 @@ class NoiseBank:
         room = self.lengths[files] - self.slice_length
         starts = (torch.rand(count, device=device) * (room + 1)).long().clamp_max(room)
         rows = self.samples.unfold(0, self.slice_length, 1)
-        return rows[self.offsets[files] + starts].float() / INT16_SCALE
+        return rows[self.offsets[files] + starts].float().div_(INT16_SCALE)
 
 
 def mix_noise(x: torch.Tensor, bank: NoiseBank, max_gain: float, p: float) -> torch.Tensor:
@@ -177,7 +177,9 @@ def mix_noise(x: torch.Tensor, bank: NoiseBank, max_gain: float, p: float) -> to
         return x
     batch = len(x)
     gains = _uniform(batch, 0.0, max_gain, x.device) * (torch.rand(batch, device=x.device) < p)
-    return (x + gains[:, None] * bank.slices(batch)).clamp(-1.0, 1.0)
+    # In place in the fresh noise buffer (x is left as it is): same values as (x + g * noise).clamp().
+    noise = bank.slices(batch).mul_(gains[:, None])
+    return noise.add_(x).clamp_(-1.0, 1.0)
 
 
 def add_white_noise(x: torch.Tensor, min_db: float, max_db: float, p: float) -> torch.Tensor:
@@ -188,7 +190,7 @@ def add_white_noise(x: torch.Tensor, min_db: float, max_db: float, p: float) -> 
     batch = len(x)
     levels_db = _uniform(batch, min_db, max_db, x.device)
     scales = torch.pow(10.0, levels_db / 20.0) * (torch.rand(batch, device=x.device) < p)
-    return (x + scales[:, None] * torch.randn_like(x)).clamp(-1.0, 1.0)
+    return torch.randn_like(x).mul_(scales[:, None]).add_(x).clamp_(-1.0, 1.0)
 
 
 def synthesize_silence(count: int, bank: NoiseBank, cfg: SilenceSynth) -> torch.Tensor:
@@ -197,7 +199,7 @@ def synthesize_silence(count: int, bank: NoiseBank, cfg: SilenceSynth) -> torch.
     if not bank:
         return torch.zeros(count, bank.slice_length, device=device)
     gains = _uniform(count, 0.0, cfg.max_gain, device) * (torch.rand(count, device=device) >= cfg.p_zero)
-    return (gains[:, None] * bank.slices(count)).clamp(-1.0, 1.0)
+    return bank.slices(count).mul_(gains[:, None]).clamp_(-1.0, 1.0)
 
 
 def prepare_batch(
@@ -216,12 +218,12 @@ def prepare_batch(
     """
     out_len = bank.slice_length
     if not train:
-        return window(waves, center_starts(lengths, out_len), out_len).float() / INT16_SCALE
+        return window(waves, center_starts(lengths, out_len), out_len).float().div_(INT16_SCALE)
     starts = random_starts(lengths, out_len) if cfg.random_crop else center_starts(lengths, out_len)
     if cfg.time_shift.enabled:
         max_shift = int(cfg.time_shift.max_fraction * out_len)
         starts = starts - shift_amounts(len(waves), max_shift, cfg.time_shift.p, waves.device)
-    x = window(waves, starts, out_len).float() / INT16_SCALE
+    x = window(waves, starts, out_len).float().div_(INT16_SCALE)
     if cfg.noise.enabled:
         x = mix_noise(x, bank, cfg.noise.max_gain, cfg.noise.p)
     if cfg.white_noise.enabled:

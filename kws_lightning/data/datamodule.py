@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from kws_lightning.data.audio_io import AudioReadError, read_audio_int16
 from kws_lightning.data.augment import AugmentConfig, NoiseBank, prepare_batch, synthesize_silence
 from kws_lightning.data.dataset import ClipBatches, keep_batch
-from kws_lightning.data.index import IndexedDataset, index_training_layout
+from kws_lightning.data.index import DataLayoutError, IndexedDataset, index_training_layout
 from kws_lightning.data.issues import hydra_run_dir, report_issues
 from kws_lightning.data.sampler import SILENCE_ITEM, TFStyleSampler, fixed_selection
 from kws_lightning.data.wave_cache import (
@@ -86,10 +86,17 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         verify_cache: Literal["full", "quick", "off"] = "quick",
         keep_caches: int | None = 4,
         report_dir: str | None = None,
+        dataset: Literal["v0.01", "v0.02"] | None = None,
+        download: bool = False,
     ) -> None:
         super().__init__()
         if root is None and synthetic is None:
             raise ValueError("no data: set data.root=PATH to a Speech Commands folder, or use data=synthetic")
+        if download and (dataset is None or root is None):
+            raise ValueError(
+                "data.download=true needs data.dataset (v0.01 or v0.02) and data.root: use "
+                "data=speech_commands_v1 or data=speech_commands_v2, which set both"
+            )
         if root is None and cache_dir is None:
             raise ValueError("data=synthetic needs data.cache_dir (the speech is generated there)")
         if max_clip_s is not None and max_clip_s < clip_duration_s:
@@ -131,8 +138,28 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         # Lightning runs this on one process per node, before the others' setup: the only place that writes
         # synthetic data or the wave cache, so DDP ranks never race on the files and all map the same one.
         # (Kept for this process's setup; the other ranks index again and map the file this one wrote.)
+        # The other ranks wait for it at Lightning's barrier (no timeout), so they only ever index a finished
+        # download; nodes sharing a file system download once (ensure_dataset locks the folder).
         if self.cache is None:
+            self._download_if_asked()
             self._prepared = self._index_and_cache()
+
+    def _download_if_asked(self) -> None:
+        """Fetch `dataset` into `root` when `download` and its marker is not there (data/provision.py)."""
+        hp = self.hparams
+        if hp.root is None or hp.dataset is None:
+            return
+        if hp.download:
+            from kws_lightning.data.archives import resolve_archive
+            from kws_lightning.data.provision import ensure_dataset
+
+            ensure_dataset(resolve_archive(hp.dataset), hp.root, accept_unmarked=True)
+        elif not Path(hp.root).exists():
+            raise DataLayoutError(
+                f"data.root {hp.root} does not exist: add data.download=true to fetch Speech Commands "
+                f"{hp.dataset} there, or run `python -m kws_lightning.data.download dataset={hp.dataset} "
+                f"root={hp.root}` first, or set data.root to a folder you have"
+            )
 
     def _index_and_cache(self, verify: str | None = None) -> tuple[IndexedDataset, WaveCache]:
         hp = self.hparams

@@ -2,7 +2,8 @@
 
 Three layouts are read:
 - training: ``<root>/<word>/<speaker>_nohash_<n>.wav`` + ``_background_noise_/`` + optional split lists
-  (also Kaggle's ``train/audio`` with the lists one level up);
+  (also Kaggle's ``train/audio`` with the lists one level up, and torchaudio's
+  ``<root>/SpeechCommands/speech_commands_v0.0X/``);
 - official test set: ``<word>/``, ``_unknown_/`` (``<word>_<speaker>_nohash_<n>.wav.wav``), ``_silence_/``;
 - unlabeled: a flat folder of clips (Kaggle ``test/audio``) for prediction.
 """
@@ -23,6 +24,8 @@ SPLITS = ("training", "validation", "testing")
 LIST_FILES = {"validation": "validation_list.txt", "testing": "testing_list.txt"}
 TEST_SET_SILENCE_DIR = "_silence_"
 TEST_SET_UNKNOWN_DIR = "_unknown_"
+# torchaudio's SPEECHCOMMANDS(root, download=True) unpacks into <root>/SpeechCommands/speech_commands_v0.0X.
+TORCHAUDIO_FOLDER = "SpeechCommands"
 # TF's speech_commands input_data.py: hashing modulus for the stable speaker split.
 _MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
 _NOHASH = re.compile(r"_nohash_.*$")
@@ -81,12 +84,30 @@ def _word_dirs(root: Path) -> dict[str, Path]:
     }
 
 
+def _torchaudio_version_dir(path: Path) -> Path:
+    """torchaudio's download layout, ``<root>/SpeechCommands/speech_commands_v0.0X/``, given its root or
+    its ``SpeechCommands`` folder: the version folder inside (an error naming them when there are two)."""
+    base = path / TORCHAUDIO_FOLDER if (path / TORCHAUDIO_FOLDER).is_dir() else path
+    if base.name != TORCHAUDIO_FOLDER:
+        return path
+    versions = sorted(d for d in base.glob("speech_commands_v*") if d.is_dir() and _word_dirs(d))
+    if len(versions) > 1:
+        raise DataLayoutError(
+            f"{base} holds {len(versions)} Speech Commands versions ({', '.join(d.name for d in versions)}): "
+            f"point data.root at one of them, e.g. data.root={versions[-1]}"
+        )
+    return versions[0] if versions else path
+
+
 def find_audio_root(root: str | Path) -> Path:
-    """`root` itself, or Kaggle's ``<root>/audio`` when the word folders live there."""
+    """`root` itself, Kaggle's ``<root>/audio`` when the word folders live there, or the version folder
+    of torchaudio's layout (``<root>/SpeechCommands/speech_commands_v0.02``)."""
     path = _require_dir(root, "data root")
-    if not _word_dirs(path) and (path / "audio").is_dir() and _word_dirs(path / "audio"):
+    if _word_dirs(path):
+        return path
+    if (path / "audio").is_dir() and _word_dirs(path / "audio"):
         return path / "audio"
-    return path
+    return _torchaudio_version_dir(path)
 
 
 def _find_list(audio_root: Path, name: str) -> Path | None:

