@@ -268,6 +268,7 @@ def export_checkpoint(
     (kws_lightning/quantize.py); its figures are under the "int8" key."""
     from kws_lightning.inference import Predictor
     from kws_lightning.quantize import QUANTIZE
+    from kws_lightning.stream_bench.settings import STORED_KEY, stored_settings
 
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} unknown; valid: {list(FORMATS)}")
@@ -287,6 +288,9 @@ def export_checkpoint(
         # The data config, so `eval model_path=...` rebuilds the same test draw as for the checkpoint.
         "data": predictor.configs[0].get("data"),
     }
+    tuned = stored_settings([ckpt_path], predictor.labels)
+    if tuned is not None:  # detector settings tuned on validation streams travel with the model
+        metadata[STORED_KEY] = tuned.to_dict()
     path = Path(out).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = export_onnx if fmt == "onnx" else export_torchscript

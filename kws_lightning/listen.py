@@ -267,7 +267,7 @@ def listen(cfg: DictConfig) -> list[Detection]:
     import torch
 
     from kws_lightning.inference import Predictor
-    from kws_lightning.stream_bench.settings import resolve_settings
+    from kws_lightning.stream_bench.settings import predictor_settings
 
     if not cfg.get("input"):
         raise ValueError("input is required: input=long.wav, or input=mic for the default microphone")
@@ -277,9 +277,8 @@ def listen(cfg: DictConfig) -> list[Detection]:
         torch.set_num_threads(int(cfg.threads))
     # ckpt_path=CKPT, or model_path= an exported model (.onnx float or int8, .pt): it runs whole windows.
     predictor = Predictor.from_config(cfg.get("ckpt_path"), cfg.get("model_path"), cfg.device)
-    # Settings given on the command line, else those tuned into the checkpoint, else TF's defaults.
-    tuned_in = [] if cfg.get("model_path") else predictor.paths  # an export carries no tuned settings yet
-    settings, source = resolve_settings(cfg, tuned_in, predictor.labels)
+    # Settings given on the command line, else those tuned into the checkpoint (or export), else TF's.
+    settings, source = predictor_settings(cfg, predictor)
     log.info("detector settings (%s): %s", source, settings.to_dict())
     recognizer = settings.recognizer(predictor.labels)
     detector = StreamingDetector(

@@ -22,16 +22,15 @@ def serve(cfg: DictConfig) -> None:
     except ImportError as error:
         raise RuntimeError(f"serve needs starlette and uvicorn ({error}): {SERVE_HINT}") from None
     from kws_lightning.inference import Predictor
-    from kws_lightning.stream_bench.settings import resolve_settings
+    from kws_lightning.stream_bench.settings import predictor_settings
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     predictor = Predictor.from_config(cfg.get("ckpt_path"), cfg.get("model_path"), "cpu")
     fields = ServeSettings.__dataclass_fields__
     settings = ServeSettings(**{name: cfg[name] for name in fields if cfg.get(name) is not None})
-    # As listen: settings given here, else those tuned into the checkpoint, else TF's defaults.
-    tuned_in = [] if cfg.get("model_path") else predictor.paths
-    detector, source = resolve_settings(cfg, tuned_in, predictor.labels)
+    # As listen: settings given here, else those tuned into the checkpoint (or export), else TF's defaults.
+    detector, source = predictor_settings(cfg, predictor)
     print(f"detector settings ({source}): {detector.to_dict()}", flush=True)
     app = build_app(predictor, settings, detector)
     # Bound here, not by uvicorn, so port=0 works and the real port is printed for scripts and tests.

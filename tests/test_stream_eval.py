@@ -227,6 +227,34 @@ def test_stored_settings_are_checked_and_command_line_values_win(
             parse_settings(bad, "some.ckpt", labels)
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_models_carry_the_tuned_settings(tiny_checkpoint: dict, tmp_path: Path, fmt: str) -> None:
+    """export copies a checkpoint's tuned settings into the file; listen/serve read them with model_path=."""
+    from kws_lightning.export import export_checkpoint
+    from kws_lightning.inference import Predictor
+    from kws_lightning.stream_bench.settings import predictor_settings
+
+    labels = torch.load(tiny_checkpoint["ckpt"], weights_only=True)["hyper_parameters"]["labels"]
+    tuned = DetectorSettings(300, 0.85, 250, 2, keyword_thresholds={labels[3]: 0.9})
+    path = store_settings(tiny_checkpoint["ckpt"], tmp_path / "tuned.ckpt", tuned, {"split": "validation"})
+    suffix = ".pt" if fmt == "torchscript" else ".onnx"
+    nothing = {"average_window_ms": None, "detection_threshold": None, "suppression_ms": None}
+    for ckpt, expected, origin in [
+        (path, tuned, "tuned settings stored in the exported model"),
+        (tiny_checkpoint["ckpt"], DetectorSettings(), "defaults"),
+    ]:
+        out = tmp_path / f"{Path(ckpt).stem}{suffix}"
+        export_checkpoint(str(ckpt), fmt, out, verify_clips=2)
+        predictor = Predictor.from_exported(out)
+        settings, source = predictor_settings(nothing, predictor)
+        assert settings == expected and source == origin
+    settings, source = predictor_settings(
+        {**nothing, "detection_threshold": 0.5}, Predictor.from_exported(tmp_path / f"tuned{suffix}")
+    )
+    assert settings.detection_threshold == 0.5 and settings.keyword_thresholds == {}
+    assert settings.average_window_ms == 300 and "overridden" in source
+
+
 def test_recognize_commands_uses_per_keyword_thresholds() -> None:
     recognizer = RecognizeCommands(LABELS, 300, 0.6, 500, 3, keyword_thresholds={"yes": 0.95})
     yes_at_90 = np.array([0.02, 0.02, 0.9, 0.02, 0.02, 0.02])

@@ -97,13 +97,29 @@ def stored_settings(ckpt_paths: Sequence[str | Path], labels: Sequence[str]) -> 
     return None if stored is None else parse_settings(stored, str(ckpt_paths[0]), labels)
 
 
+def exported_settings(
+    metadata: Mapping[str, Any], where: str, labels: Sequence[str]
+) -> DetectorSettings | None:
+    """The tuned settings an exported model's metadata carries (`kws_lightning.export` copies them from
+    the checkpoint), checked as a checkpoint's are; None when it has none."""
+    stored = metadata.get(STORED_KEY)
+    return None if stored is None else parse_settings(stored, where, labels)
+
+
 def resolve_settings(
-    cfg: Mapping[str, Any], ckpt_paths: Sequence[str | Path], labels: Sequence[str]
+    cfg: Mapping[str, Any],
+    ckpt_paths: Sequence[str | Path],
+    labels: Sequence[str],
+    export_metadata: Mapping[str, Any] | None = None,
 ) -> tuple[DetectorSettings, str]:
     """The detector settings to use and where they came from: each setting given in `cfg` (not null)
-    wins, then the checkpoint's tuned settings, then TF's defaults. An explicit `detection_threshold`
-    also drops stored per-keyword thresholds (the user asked for one threshold)."""
-    stored = stored_settings(ckpt_paths, labels)
+    wins, then the tuned settings of the checkpoint (or, with `export_metadata`, of the exported model),
+    then TF's defaults. An explicit `detection_threshold` also drops stored per-keyword thresholds (the
+    user asked for one threshold)."""
+    if export_metadata is not None:
+        stored = exported_settings(export_metadata, "the exported model's metadata", labels)
+    else:
+        stored = stored_settings(ckpt_paths, labels)
     base = stored or DetectorSettings()
     given = {name: cfg[name] for name in NUMBERS if cfg.get(name) is not None}
     if "detection_threshold" in given:
@@ -111,10 +127,22 @@ def resolve_settings(
     if cfg.get("keyword_thresholds"):
         given["keyword_thresholds"] = dict(cfg["keyword_thresholds"])
     settings = parse_settings({**base.to_dict(), **given}, "the command line", labels)
-    source = "tuned settings stored in the checkpoint" if stored is not None else "defaults"
+    holder = "exported model" if export_metadata is not None else "checkpoint"
+    source = f"tuned settings stored in the {holder}" if stored is not None else "defaults"
     if given:
         source += f", overridden: {sorted(given)}"
     return settings, source
+
+
+def predictor_settings(cfg: Mapping[str, Any], predictor: Any) -> tuple[DetectorSettings, str]:
+    """`resolve_settings` for a `Predictor`: tuned settings from its checkpoint, or from its exported
+    model's metadata (model_path=)."""
+    from kws_lightning.export import ExportedRunner
+
+    runner = predictor.models[0] if len(predictor.models) == 1 else None
+    if isinstance(runner, ExportedRunner):
+        return resolve_settings(cfg, [], predictor.labels, runner.metadata)
+    return resolve_settings(cfg, predictor.paths, predictor.labels)
 
 
 def store_settings(ckpt_path: str | Path, out_path: Path, settings: DetectorSettings, tuned_on: dict) -> Path:
