@@ -289,10 +289,19 @@ class MFCC(nn.Module):
         _check_waves(waves, type(self).__name__, self.mel.min_samples)
         mel = self.mel(waves)
         with _no_autocast(waves.device):
-            # log(1) = 0 exactly, so power <= 0 gives 0 (honk's rule) and log never sees 0: no -inf, and the
-            # gradient of those entries goes to the constant, never NaN. One where, no ones_like buffer.
-            log_mel = torch.log(torch.where(mel > 0, mel, 1.0))
-            return self.norm(torch.matmul(log_mel, _exact(self.dct_matrix, self._dct64).T).unsqueeze(1))
+            return self.window_features(self.frame_features(mel))
+
+    def frame_features(self, mel: torch.Tensor) -> torch.Tensor:
+        """Mel power (B, T, n_mels) -> MFCCs (B, T, n_mfcc): each frame's from its own values only (the
+        streaming path, kws_lightning/streaming_state.py, computes new frames alone)."""
+        # log(1) = 0 exactly, so power <= 0 gives 0 (honk's rule) and log never sees 0: no -inf, and the
+        # gradient of those entries goes to the constant, never NaN. One where, no ones_like buffer.
+        log_mel = torch.log(torch.where(mel > 0, mel, 1.0))
+        return torch.matmul(log_mel, _exact(self.dct_matrix, self._dct64).T)
+
+    def window_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """The steps that see the whole window: (B, T, F) frames -> normalised (B, 1, T, F) features."""
+        return self.norm(frames.unsqueeze(1))
 
 
 class LogMel(nn.Module):
@@ -338,11 +347,18 @@ class LogMel(nn.Module):
         _check_waves(waves, type(self).__name__, self.mel.min_samples)
         mel = self.mel(waves)
         with _no_autocast(waves.device):
-            db = 10.0 * torch.log10(torch.clamp(mel, min=self.amin))  # ref=1.0: nothing to subtract
-            if self.top_db is not None:
-                peak = db.amax(dim=(1, 2), keepdim=True)  # per clip, as librosa does on one clip
-                db = torch.maximum(db, peak - self.top_db)
-            return self.norm(db.unsqueeze(1))
+            return self.window_features(self.frame_features(mel))
+
+    def frame_features(self, mel: torch.Tensor) -> torch.Tensor:
+        """Mel power (B, T, n_mels) -> dB before the `top_db` floor: each frame's from its own values."""
+        return 10.0 * torch.log10(torch.clamp(mel, min=self.amin))  # ref=1.0: nothing to subtract
+
+    def window_features(self, db: torch.Tensor) -> torch.Tensor:
+        """The steps that see the whole window: the `top_db` floor under each clip's peak, normalisation."""
+        if self.top_db is not None:
+            peak = db.amax(dim=(1, 2), keepdim=True)  # per clip, as librosa does on one clip
+            db = torch.maximum(db, peak - self.top_db)
+        return self.norm(db.unsqueeze(1))
 
 
 class LogSpectrogram(nn.Module):

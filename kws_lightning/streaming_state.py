@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kws_lightning.features import MFCC, LogMel, _exact
+from kws_lightning.features import MFCC, LogMel
 
 INCREMENTAL_MODES = ("auto", "true", "false")
 # A layer takes its middle from the cache only when that is at least this share of its outputs: computing
@@ -99,10 +99,7 @@ class IncrementalFrontend:
         """(B, N) samples -> raw frames (B, T, F), T = 1 + N // hop (centre-padded like the front end)."""
         mel = self.mel(waves)
         self.computed_frames += mel.shape[0] * mel.shape[1]
-        if isinstance(self.frontend, LogMel):
-            return 10.0 * torch.log10(torch.clamp(mel, min=self.frontend.amin))
-        log_mel = torch.log(torch.where(mel > 0, mel, 1.0))  # as MFCC.forward: power <= 0 gives 0
-        return torch.matmul(log_mel, _exact(self.frontend.dct_matrix, self.frontend._dct64).T)
+        return self.frontend.frame_features(mel)
 
     def window_raw(self, window: torch.Tensor, start_sample: int) -> torch.Tensor:
         """Raw frames (T, F) of the window starting at stream sample `start_sample` (a multiple of hop)."""
@@ -137,11 +134,7 @@ class IncrementalFrontend:
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         """Window-level steps on raw frames (T, F) -> features (1, 1, T, F), as the front end ends."""
-        features = raw[None]
-        if isinstance(self.frontend, LogMel) and self.frontend.top_db is not None:
-            peak = features.amax(dim=(1, 2), keepdim=True)
-            features = torch.maximum(features, peak - self.frontend.top_db)
-        return self.frontend.norm(features.unsqueeze(1))
+        return self.frontend.window_features(raw[None])
 
     def same_features(self, a: tuple[float, float], b: tuple[float, float]) -> bool:
         """Whether two windows' (peak, minimum) raw dB give the same features on the frames they share."""
