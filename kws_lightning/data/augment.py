@@ -1,5 +1,5 @@
 """Batched waveform augmentation on the device: pad/crop, time shift, background-noise mix, white noise,
-silence.
+silence, and training for streams (speech anywhere in the window, noise at an SNR, keyword halves as unknown).
 
 Everything here takes whole batches of tensors already on the training device; no per-clip Python.
 Batches arrive as int16 ``(B, L)`` left-aligned clips with their true lengths (``L`` = longest clip).
@@ -27,6 +27,8 @@ class NoiseMix:
     enabled: bool = True
     max_gain: float = 0.2
     p: float = 0.5
+    # [lo, hi]: mix at an SNR U[lo, hi] dB below the clip's active-speech RMS instead of gain U[0, max_gain]
+    snr_db: list[float] | None = None
 
 
 @dataclass
@@ -45,6 +47,23 @@ class WhiteNoise:
 class SilenceSynth:
     max_gain: float = 1.0  # silence = noise slice x U[0, max_gain]
     p_zero: float = 0.1  # ... or digital zero
+    # [lo, hi] (training only): the slice's RMS U[lo, hi] dB below the batch's median speech level, as a
+    # stream's noise sits below its clips; validation / test silence keeps max_gain (a fixed draw).
+    snr_db: list[float] | None = None
+
+
+@dataclass
+class StreamTraining:
+    """Training for streams (issue 14): a detector slides a 1 s window over speech, so words arrive at any
+    offset and cut by the window's edges. `offset_p`: per clip, place its speech (the frames within
+    ACTIVE_DB of its loudest) anywhere that keeps at least `min_speech_kept` of it inside the window,
+    instead of the random crop / time shift. `half_keyword_unknown`: per keyword clip, keep only the first
+    or the second half of its speech (split at its energy midpoint, the rest zeroed) and label it unknown
+    (`cut_keyword_halves`, applied by the data module before `prepare_batch`: it changes targets)."""
+
+    offset_p: float = 0.0
+    min_speech_kept: float = 0.8
+    half_keyword_unknown: float = 0.0
 
 
 @dataclass
@@ -56,8 +75,26 @@ class AugmentConfig:
     noise: NoiseMix = field(default_factory=NoiseMix)
     white_noise: WhiteNoise = field(default_factory=WhiteNoise)
     silence: SilenceSynth = field(default_factory=SilenceSynth)
+    stream: StreamTraining = field(default_factory=StreamTraining)
 
     def __post_init__(self) -> None:
+        for where, part in (("noise", self.noise), ("silence", self.silence)):
+            if part.snr_db is not None:
+                part.snr_db = [float(v) for v in part.snr_db]  # a Hydra ListConfig -> plain floats
+                if len(part.snr_db) != 2 or not part.snr_db[0] <= part.snr_db[1]:
+                    raise ValueError(
+                        f"augment.{where}.snr_db must be [lo, hi] with lo <= hi (dB), got {part.snr_db}"
+                    )
+        stream = self.stream
+        for name in ("offset_p", "half_keyword_unknown"):
+            if not 0.0 <= getattr(stream, name) <= 1.0:
+                raise ValueError(
+                    f"augment.stream.{name} must be a probability in [0, 1], got {getattr(stream, name)}"
+                )
+        if not 0.0 < stream.min_speech_kept <= 1.0:
+            raise ValueError(
+                f"augment.stream.min_speech_kept must be in (0, 1], got {stream.min_speech_kept}"
+            )
         white = self.white_noise
         if not white.min_db <= white.max_db:
             raise ValueError(
@@ -75,6 +112,7 @@ class AugmentConfig:
             "noise": NoiseMix,
             "white_noise": WhiteNoise,
             "silence": SilenceSynth,
+            "stream": StreamTraining,
         }
         _check_keys("augment", values, [f.name for f in fields(cls)])
         kwargs = {}
@@ -202,6 +240,131 @@ def synthesize_silence(count: int, bank: NoiseBank, cfg: SilenceSynth) -> torch.
     return bank.slices(count).mul_(gains[:, None]).clamp_(-1.0, 1.0)
 
 
+FRAME_SAMPLES = 160  # 10 ms at 16 kHz: the energy envelope's frame, as stream_bench.streams uses
+ACTIVE_DB = 25.0  # a frame is speech when within this many dB of the clip's loudest frame (same as streams)
+
+
+@dataclass
+class SpeechStats:
+    """Per row: the first and last sample of its speech, and its active RMS (float scale; 0: no speech)."""
+
+    first: torch.Tensor
+    last: torch.Tensor
+    rms: torch.Tensor
+
+
+def _active_frames(waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(power, active) per 10 ms frame (B, frames): mean square (float scale) of whole frames inside the
+    row's length, and whether the frame is within ACTIVE_DB of the row's loudest."""
+    batch, width = waves.shape
+    count = max(width // FRAME_SAMPLES, 1)
+    x = torch.nn.functional.pad(waves.float().div(INT16_SCALE), (0, max(count * FRAME_SAMPLES - width, 0)))
+    power = x[:, : count * FRAME_SAMPLES].reshape(batch, count, FRAME_SAMPLES).pow(2).mean(dim=2)
+    frame_ends = (torch.arange(count, device=waves.device) + 1) * FRAME_SAMPLES
+    power = power * (frame_ends[None, :] <= lengths[:, None])
+    loudest = power.max(dim=1, keepdim=True).values
+    return power, (power > 0) & (power >= loudest * 10.0 ** (-ACTIVE_DB / 10.0))
+
+
+def speech_stats(waves: torch.Tensor, lengths: torch.Tensor) -> SpeechStats:
+    """Batched `stream_bench.streams.speech_extent`: 10 ms frames within ACTIVE_DB of the row's loudest
+    frame are speech (whole frames inside the row's length only), so a clip's SNR here is the stream's."""
+    power, active = _active_frames(waves, lengths)
+    batch, count = power.shape
+    has = active.any(dim=1)
+    index = torch.arange(count, device=waves.device).expand(batch, count)
+    first = torch.where(active, index, count).min(dim=1).values * FRAME_SAMPLES
+    last = torch.minimum((torch.where(active, index, -1).max(dim=1).values + 1) * FRAME_SAMPLES, lengths)
+    rms = ((power * active).sum(dim=1) / active.sum(dim=1).clamp_min(1)).sqrt()
+    first = torch.where(has, first, torch.zeros_like(first))
+    last = torch.where(has, last, lengths)
+    return SpeechStats(first, last, rms)
+
+
+def speech_offset_starts(stats: SpeechStats, out_len: int, min_kept: float) -> torch.Tensor:
+    """Window starts uniform over every placement that keeps >= `min_kept` of each row's speech inside:
+    s in [last - out_len - (1 - min_kept) * D, first + (1 - min_kept) * D], D = last - first. Speech
+    longer than the window (the bounds cross) gets a start between them: the window inside the speech."""
+    duration = stats.last - stats.first
+    spare = ((1.0 - min_kept) * duration.float()).long()
+    low = stats.last - out_len - spare
+    high = stats.first + spare
+    low, high = torch.minimum(low, high), torch.maximum(low, high)
+    return _randint_inclusive(low, high)
+
+
+def mix_noise_snr(
+    x: torch.Tensor, speech_rms: torch.Tensor, bank: NoiseBank, snr_db: list[float], p: float
+) -> torch.Tensor:
+    """With probability p per clip add a noise slice whose RMS is U[lo, hi] dB below `speech_rms` (rows
+    with no speech get none); clip to [-1, 1]."""
+    if not bank or p <= 0:
+        return x
+    batch = len(x)
+    snr = _uniform(batch, snr_db[0], snr_db[1], x.device)
+    noise = bank.slices(batch)
+    noise_rms = noise.pow(2).mean(dim=1).sqrt()
+    gains = speech_rms * torch.pow(10.0, -snr / 20.0) / noise_rms.clamp_min(1e-9)
+    gains = gains * (noise_rms > 0) * (torch.rand(batch, device=x.device) < p)
+    return noise.mul_(gains[:, None]).add_(x).clamp_(-1.0, 1.0)
+
+
+def silence_at_snr(count: int, bank: NoiseBank, speech_level: float, cfg: SilenceSynth) -> torch.Tensor:
+    """Silence items as a stream's noise: a slice at RMS U[lo, hi] dB below `speech_level`, or digital
+    zero with probability p_zero."""
+    device = bank.samples.device
+    if not bank or speech_level <= 0:
+        return synthesize_silence(count, bank, cfg)
+    snr = _uniform(count, cfg.snr_db[0], cfg.snr_db[1], device)
+    noise = bank.slices(count)
+    noise_rms = noise.pow(2).mean(dim=1).sqrt()
+    gains = speech_level * torch.pow(10.0, -snr / 20.0) / noise_rms.clamp_min(1e-9)
+    gains = gains * (noise_rms > 0) * (torch.rand(count, device=device) >= cfg.p_zero)
+    return noise.mul_(gains[:, None]).clamp_(-1.0, 1.0)
+
+
+def energy_midpoints(waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per row, the sample where half of its speech's energy (the frames `speech_stats` counts as speech)
+    lies before and half after: the middle of a word by its energy envelope, inside its loud vowel, where
+    the extent's time midpoint can fall outside the word (a clip with a click or breath after it)."""
+    power, active = _active_frames(waves, lengths)
+    energy = (power * active).cumsum(dim=1)
+    half = energy[:, -1:] / 2
+    frame = (energy < half).sum(dim=1).clamp_max(power.shape[1] - 1)
+    return frame * FRAME_SAMPLES + FRAME_SAMPLES // 2
+
+
+def cut_keyword_halves(
+    waves: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    p: float,
+    unknown_index: int,
+    first_keyword: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives: with probability p per keyword row (target >= `first_keyword`), keep only the first
+    or the second half (a coin flip) of its speech, split where half its speech energy is on either side
+    (`energy_midpoints`), zero the rest (a 10 ms ramp across the cut, no click) and relabel it
+    `unknown_index`. Returns new (waves, targets); the inputs are left as they are."""
+    candidates = (targets >= first_keyword) & (lengths > 0)
+    chosen = candidates & (torch.rand(len(targets), device=targets.device) < p)
+    if p <= 0 or not chosen.any():
+        return waves, targets
+    rows = chosen.nonzero().squeeze(1)
+    middle = energy_midpoints(waves[rows], lengths[rows]).float()
+    first_half = torch.rand(len(rows), device=waves.device) < 0.5
+    t = torch.arange(waves.shape[1], device=waves.device)[None, :].float()
+    fade = float(FRAME_SAMPLES)
+    # Gain 1 on the kept side, 0 on the other, a linear ramp over `fade` samples centred on the cut.
+    before = ((middle[:, None] + fade / 2 - t) / fade).clamp(0.0, 1.0)
+    gain = torch.where(first_half[:, None], before, 1.0 - before)
+    out = waves.clone()
+    out[rows] = (waves[rows].float() * gain).round().to(waves.dtype)
+    new_targets = targets.clone()
+    new_targets[rows] = unknown_index
+    return out, new_targets
+
+
 def prepare_batch(
     waves: torch.Tensor,
     lengths: torch.Tensor,
@@ -213,8 +376,10 @@ def prepare_batch(
     """int16 batch → float (B, bank.slice_length) in [-1, 1]: the whole device-side input path.
 
     Train: random pad/crop and time shift (one window copy: for clips no longer than the output the
-    shift's zero fill is exact; a longer clip shows its own neighbouring audio instead), then noise mix,
-    white noise and fresh silence (silence items get no white noise). Eval: centred pad/crop only.
+    shift's zero fill is exact; a longer clip shows its own neighbouring audio instead), or with
+    `stream.offset_p` the speech anywhere in the window; then noise mix (a gain, or `noise.snr_db` re the
+    clip's speech), white noise and fresh silence (silence items get no white noise). Eval: centred
+    pad/crop only.
     """
     out_len = bank.slice_length
     if not train:
@@ -223,12 +388,27 @@ def prepare_batch(
     if cfg.time_shift.enabled:
         max_shift = int(cfg.time_shift.max_fraction * out_len)
         starts = starts - shift_amounts(len(waves), max_shift, cfg.time_shift.p, waves.device)
+    # The stream options draw their random numbers only when on: off, batches are bit-identical to before.
+    stream = cfg.stream
+    needs_stats = stream.offset_p > 0 or cfg.noise.snr_db is not None or cfg.silence.snr_db is not None
+    stats = speech_stats(waves, lengths) if needs_stats else None
+    if stream.offset_p > 0:
+        moved = (torch.rand(len(waves), device=waves.device) < stream.offset_p) & (stats.rms > 0)
+        starts = torch.where(moved, speech_offset_starts(stats, out_len, stream.min_speech_kept), starts)
     x = window(waves, starts, out_len).float().div_(INT16_SCALE)
     if cfg.noise.enabled:
-        x = mix_noise(x, bank, cfg.noise.max_gain, cfg.noise.p)
+        if cfg.noise.snr_db is not None:
+            x = mix_noise_snr(x, stats.rms, bank, cfg.noise.snr_db, cfg.noise.p)
+        else:
+            x = mix_noise(x, bank, cfg.noise.max_gain, cfg.noise.p)
     if cfg.white_noise.enabled:
         x = add_white_noise(x, cfg.white_noise.min_db, cfg.white_noise.max_db, cfg.white_noise.p)
     if synth_silence.any():
         rows = synth_silence.nonzero().squeeze(1)
-        x[rows] = synthesize_silence(len(rows), bank, cfg.silence)
+        if cfg.silence.snr_db is not None:
+            speaking = stats.rms[(stats.rms > 0) & ~synth_silence]
+            level = float(speaking.median()) if len(speaking) else 0.0
+            x[rows] = silence_at_snr(len(rows), bank, level, cfg.silence)
+        else:
+            x[rows] = synthesize_silence(len(rows), bank, cfg.silence)
     return x

@@ -13,7 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from kws_lightning.data.audio_io import AudioReadError, read_audio_int16
-from kws_lightning.data.augment import AugmentConfig, NoiseBank, prepare_batch, synthesize_silence
+from kws_lightning.data.augment import (
+    AugmentConfig,
+    NoiseBank,
+    cut_keyword_halves,
+    prepare_batch,
+    synthesize_silence,
+)
 from kws_lightning.data.dataset import ClipBatches, keep_batch
 from kws_lightning.data.index import DataLayoutError, IndexedDataset, index_training_layout
 from kws_lightning.data.issues import hydra_run_dir, report_issues
@@ -24,7 +30,7 @@ from kws_lightning.data.wave_cache import (
     check_cache_settings,
     load_or_build,
 )
-from kws_lightning.labels import DEFAULT_KEYWORDS, UNKNOWN, make_labels
+from kws_lightning.labels import DEFAULT_KEYWORDS, UNKNOWN, UNKNOWN_INDEX, make_labels
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,9 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
     cropped to their centre; both are logged in one line each and listed in ``data_issues.csv`` in
     `report_dir` (None: the Hydra run dir when there is one). `cache_dir` None decodes in memory only;
     `verify_cache` and `keep_caches` are described in `kws_lightning.data.wave_cache`.
+
+    `fold` (0..num_folds-1; None: the folder's own split) selects a speaker-disjoint cross-validation
+    fold (`kws_lightning.data.index.assign_cv_fold`): held out as the test split, the test list dropped.
     """
 
     def __init__(
@@ -88,6 +97,8 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         report_dir: str | None = None,
         dataset: Literal["v0.01", "v0.02"] | None = None,
         download: bool = False,
+        fold: int | None = None,
+        num_folds: int = 5,
     ) -> None:
         super().__init__()
         if root is None and synthetic is None:
@@ -169,6 +180,8 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
             hp.validation_percentage,
             hp.testing_percentage,
             hp.split_files,
+            hp.fold,
+            hp.num_folds,
         )
         max_samples = None if hp.max_clip_s is None else int(round(hp.max_clip_s * self.sample_rate))
         cache = load_or_build(
@@ -337,7 +350,21 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
     # ---- on the device -----------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         train = self.trainer is not None and self.trainer.training
+        if train:
+            batch = self.with_hard_negatives(batch)
         return self.to_model_input(batch, train), batch["targets"]
+
+    def with_hard_negatives(self, batch: dict) -> dict:
+        """A training batch with keyword clips cut to half a word and relabelled unknown
+        (`augment.stream.half_keyword_unknown`; off: the batch itself)."""
+        p = self.augment.stream.half_keyword_unknown
+        if p <= 0:
+            return batch
+        # Labels are silence, unknown, then the keywords (kws_lightning.labels).
+        waves, targets = cut_keyword_halves(
+            batch["waves"], batch["lengths"], batch["targets"], p, UNKNOWN_INDEX, UNKNOWN_INDEX + 1
+        )
+        return {**batch, "waves": waves, "targets": targets}
 
     def to_model_input(self, batch: dict, train: bool) -> torch.Tensor:
         """The device-side half of the input path (also usable without a Trainer, e.g. in benchmarks)."""

@@ -55,10 +55,43 @@ def speaker_of(filename: str) -> str:
     return _NOHASH.sub("", Path(filename).name)
 
 
+def _hash_percentage(key: str) -> float:
+    """TF's stable hash of a string, as a percentage in [0, 100]."""
+    hashed = hashlib.sha1(key.encode("utf-8")).hexdigest()
+    return (int(hashed, 16) % (_MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / _MAX_NUM_WAVS_PER_CLASS)
+
+
+def cv_fold_of(speaker: str, num_folds: int) -> int:
+    """The cross-validation fold of a speaker: a stable hash (salted, so it does not follow TF's split)."""
+    return int(_hash_percentage(f"kws-cv-fold:{speaker}") * num_folds / 100.0) % num_folds
+
+
+def assign_cv_fold(
+    clips: pd.DataFrame, fold: int, num_folds: int, validation_percentage: float
+) -> pd.DataFrame:
+    """Speaker-disjoint k-fold split of the training + validation clips (the testing list is dropped, never
+    seen): fold `fold`'s speakers become ``testing`` (the held-out fold); of the other speakers
+    `validation_percentage` % (by a second stable hash) become this fold's ``validation`` draw, the rest
+    ``training``. The same speakers land in the same fold on every machine and for every recipe."""
+    if num_folds < 2:
+        raise DataLayoutError(f"data.num_folds={num_folds}: cross-validation needs at least 2 folds")
+    if not 0 <= fold < num_folds:
+        raise DataLayoutError(
+            f"data.fold={fold} is out of range: use 0..{num_folds - 1} (data.num_folds={num_folds})"
+        )
+    pool = clips[clips["split"] != "testing"].copy()
+    speakers = pool["speaker"]
+    held_out = speakers.map(lambda s: cv_fold_of(s, num_folds)) == fold
+    validation = speakers.map(lambda s: _hash_percentage(f"kws-cv-validation:{s}")) < validation_percentage
+    pool["split"] = "training"
+    pool.loc[validation, "split"] = "validation"
+    pool.loc[held_out, "split"] = "testing"
+    return pool.reset_index(drop=True)
+
+
 def which_set(filename: str, validation_percentage: float = 10.0, testing_percentage: float = 10.0) -> str:
     """TF's stable split: sha1 of the speaker id decides, so a speaker never straddles two splits."""
-    hashed = hashlib.sha1(speaker_of(filename).encode("utf-8")).hexdigest()
-    percentage = (int(hashed, 16) % (_MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / _MAX_NUM_WAVS_PER_CLASS)
+    percentage = _hash_percentage(speaker_of(filename))
     if percentage < validation_percentage:
         return "validation"
     if percentage < validation_percentage + testing_percentage:
@@ -150,12 +183,16 @@ def index_training_layout(
     validation_percentage: float = 10.0,
     testing_percentage: float = 10.0,
     split_files: Mapping[str, str | Path] | None = None,
+    fold: int | None = None,
+    num_folds: int = 5,
 ) -> IndexedDataset:
     """Index a training-layout folder and assign every clip to training / validation / testing.
 
     Split precedence: explicit `split_files` ({"validation": path, "testing": path, optionally
     "training": path}), then the folder's own ``validation_list.txt`` / ``testing_list.txt``, then the
     speaker-hash rule with the given percentages. Every non-keyword word folder is ``unknown``.
+    With `fold` set, that split's training + validation clips are re-split for cross-validation
+    (`assign_cv_fold`): held-out fold = ``testing``.
     """
     labels = make_labels(keywords)
     audio_root = find_audio_root(root)
@@ -198,6 +235,9 @@ def index_training_layout(
     else:
         split_source = "speaker-hash"
         clips["split"] = [which_set(rel, validation_percentage, testing_percentage) for rel in clips["rel"]]
+    if fold is not None:
+        clips = assign_cv_fold(clips, fold, num_folds, validation_percentage)
+        split_source = f"cv fold {fold}/{num_folds} held out as testing, of the {split_source}"
     noise_dir = audio_root / BACKGROUND_NOISE_DIR
     noise_files = sorted(noise_dir.glob("*.wav")) if noise_dir.is_dir() else []
     return IndexedDataset(audio_root, labels, clips, noise_files, split_source)
