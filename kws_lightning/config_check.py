@@ -165,6 +165,8 @@ RANGES: dict[str, Bound] = {
     "mixup.alpha": _POSITIVE,
     "mixup.p": _PROBABILITY,
     "loss.label_smoothing": Bound(0, 1),
+    "distill.alpha": Bound(0, 1),
+    "distill.temperature": _POSITIVE,
     "optimizer.lr": _POSITIVE,
     "optimizer.weight_decay": _NON_NEGATIVE,
     "optimizer.momentum": Bound(0, 1),

@@ -9,6 +9,9 @@ its best-validation checkpoint and its final weights, and the figures over folds
 the paired difference last - best, per class, pooled) go to `<out_dir>/cv_summary.{json,md}` and
 `cv_folds.csv`. Run again to resume: finished folds are skipped, interrupted ones resume from their
 last.ckpt. The work is in `kws_lightning/jobs/cv_*.py`.
+
+`python -m kws_lightning.cv ensemble=[RUN_DIR,...] out_dir=DIR [ensemble_weights=best]` scores an ensemble
+of finished cv runs fold by fold instead (posteriors averaged; nothing trained; `jobs/cv_ensemble.py`).
 """
 
 from __future__ import annotations

@@ -97,19 +97,23 @@ def load_checkpoint_model(
     return model.to(resolve_device(device)).eval(), hparams
 
 
-def run_model(model: nn.Module, waves: torch.Tensor) -> torch.Tensor:
-    """Logits of `model` for float waves (B, N). A `KWSModel` on the CPU runs its network on channels-last
-    features (its weights converted once, on first use): oneDNN's convolutions and pooling then skip a
-    layout reorder per call. Measured (benchmarks/README.md, Profiles; one thread, batch 64):
-    cnn_trad_pool2 1.5x, ds_cnn 2.5x, light_cnn 1.9x, res8 1.4x, TC-ResNet / MatchboxNet / BC-ResNet
-    equal or slightly faster; the logits agree to float32 rounding (< 1e-6)."""
+def run_model(model: nn.Module, waves: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of `model` for float waves (B, N), or for `features` its own front end would compute from
+    them (a `KWSModel` only; distillation shares one front end pass). A `KWSModel` on the CPU runs its
+    network on channels-last features (its weights converted once, on first use): oneDNN's convolutions
+    and pooling then skip a layout reorder per call. Measured (benchmarks/README.md, Profiles; one thread,
+    batch 64): cnn_trad_pool2 1.5x, ds_cnn 2.5x, light_cnn 1.9x, res8 1.4x, TC-ResNet / MatchboxNet /
+    BC-ResNet equal or slightly faster; the logits agree to float32 rounding (< 1e-6)."""
     net, frontend = getattr(model, "net", None), getattr(model, "frontend", None)
-    if net is None or frontend is None or waves.device.type != "cpu":
+    if net is None or frontend is None:
         return model(waves)
+    if waves.device.type != "cpu":
+        return model(waves) if features is None else net(features)
     if not getattr(model, "_channels_last", False):
         net.to(memory_format=torch.channels_last)
         model._channels_last = True
-    features = frontend(waves)
+    if features is None:
+        features = frontend(waves)
     if features.dim() == 4:
         features = features.contiguous(memory_format=torch.channels_last)
     return net(features)
@@ -196,12 +200,13 @@ class Predictor:
         return self.labels[2:]
 
     @torch.inference_mode()
-    def posteriors(self, waves: torch.Tensor) -> torch.Tensor:
-        """Float waves (B, clip_samples) in [-1, 1] -> posteriors (B, classes), averaged over the ensemble."""
+    def posteriors(self, waves: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Float waves (B, clip_samples) in [-1, 1] -> posteriors (B, classes), averaged over the ensemble.
+        `temperature` T softens each model's softmax(logits / T) (distillation, kws_lightning/distill.py)."""
         waves = waves.to(self.device, torch.float32)
-        total = torch.softmax(run_model(self.models[0], waves), dim=-1)
+        total = torch.softmax(run_model(self.models[0], waves) / temperature, dim=-1)
         for model in self.models[1:]:
-            total += torch.softmax(run_model(model, waves), dim=-1)
+            total += torch.softmax(run_model(model, waves) / temperature, dim=-1)
         return total / len(self.models)
 
     def views(self, waves: torch.Tensor, lengths: torch.Tensor, tta: TTAConfig | None = None) -> torch.Tensor:

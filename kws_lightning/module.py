@@ -2,8 +2,8 @@
 
 Training-only recipe knobs live in their own files and are handed in ready-made: `SpecAugment`
 (kws_lightning/spec_augment.py, between the front end and the network), `Mixup` (kws_lightning/mixup.py,
-on the waves and targets), the training loss (conf/loss/, e.g. label smoothing). Weight averaging (EMA,
-SWA) are callbacks.
+on the waves and targets), the training loss (conf/loss/, e.g. label smoothing), distillation `Teachers`
+(kws_lightning/distill.py). Weight averaging (EMA, SWA) are callbacks.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kws_lightning.distill import Teachers
 from kws_lightning.mixup import Mixup
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -42,7 +43,8 @@ class KWSLightningModule(pl.LightningModule):
     Training only: `loss` (default plain cross-entropy; e.g. ``nn.CrossEntropyLoss(label_smoothing=0.1)``),
     `spec_augment` (a module on the features, applied as frontend -> spec_augment -> net, so the model,
     its checkpoints and exports never contain it; needs the model's `frontend` and `net`) and `mixup`
-    (training accuracy is then measured against each mixed clip's dominant label). Validation and test
+    (training accuracy is then measured against each mixed clip's dominant label); `teachers` add the
+    distillation term to the training loss (kws_lightning/distill.py). Validation and test
     always report the plain cross-entropy of the unaugmented model, comparable across recipes.
     """
 
@@ -58,10 +60,13 @@ class KWSLightningModule(pl.LightningModule):
         loss: nn.Module | None = None,
         spec_augment: nn.Module | None = None,
         mixup: Mixup | None = None,
+        teachers: Teachers | None = None,
     ) -> None:
         super().__init__()
         # The modules and factories are rebuilt from `config`; saving them would pickle code objects.
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss", "spec_augment", "mixup"])
+        self.save_hyperparameters(
+            ignore=["model", "optimizer", "scheduler", "loss", "spec_augment", "mixup", "teachers"]
+        )
         # Plain containers only: checkpoints are opened with weights_only=True (kws_lightning.checkpoints).
         self.hparams["labels"] = [str(label) for label in labels]
         if isinstance(config, DictConfig):
@@ -72,6 +77,8 @@ class KWSLightningModule(pl.LightningModule):
         self.train_criterion = loss if loss is not None else nn.CrossEntropyLoss()
         self.spec_augment = spec_augment
         self.mixup = mixup
+        # A plain attribute, not a submodule: checkpoints, EMA / SWA copies and exports hold the student only.
+        self.teachers = teachers
         if spec_augment is not None and not (hasattr(model, "frontend") and hasattr(model, "net")):
             raise ValueError(
                 "spec_augment needs a model with `frontend` and `net` (a KWSModel) to mask the features "
@@ -109,10 +116,13 @@ class KWSLightningModule(pl.LightningModule):
         logits = self(waves)
         return F.cross_entropy(logits, targets), logits.argmax(dim=1)
 
-    def _training_logits(self, waves: torch.Tensor) -> torch.Tensor:
-        if self.spec_augment is None:
-            return self(waves)
-        return self.model.net(self.spec_augment(self.model.frontend(waves)))
+    def _training_logits(self, waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, the front end's features before SpecAugment, or None for a model without one)."""
+        frontend, net = getattr(self.model, "frontend", None), getattr(self.model, "net", None)
+        if frontend is None or net is None:
+            return self(waves), None
+        features = frontend(waves)  # = self.model(waves) when SpecAugment is off (KWSModel.forward)
+        return net(features if self.spec_augment is None else self.spec_augment(features)), features
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -120,12 +130,19 @@ class KWSLightningModule(pl.LightningModule):
         waves, targets = batch
         if self.mixup is not None:
             mixed = self.mixup(waves, targets)
-            logits = self._training_logits(mixed.waves)
+            waves = mixed.waves
+            logits, features = self._training_logits(waves)
             loss = mixed.loss(self.train_criterion, logits)
             targets = mixed.dominant_targets
         else:
-            logits = self._training_logits(waves)
+            logits, features = self._training_logits(waves)
             loss = self.train_criterion(logits, targets)
+        if self.teachers is not None:
+            # The teachers see the student's input (augmented, mixed), without SpecAugment; a teacher with
+            # the student's front end reuses its features.
+            frontend = getattr(self.model, "frontend", None)
+            loss, soft_loss = self.teachers.loss(waves, logits, loss, features, frontend)
+            self.log("train/loss_distill", soft_loss, on_step=True, on_epoch=False)
         preds = logits.argmax(dim=1)
         batch_acc = self.train_acc(preds, targets)
         self.train_loss(loss, weight=len(preds))

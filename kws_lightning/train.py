@@ -45,6 +45,7 @@ HPARAM_GROUPS = (
     "optimizer",
     "scheduler",
     "trainer",
+    "distill",
 )
 # Printed at the end and written to the HParams view (as hp/<name>).
 FINAL_METRICS = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss")
@@ -63,6 +64,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from kws_lightning.callbacks import log_hparams_with_metrics
     from kws_lightning.callbacks.provenance import RecordProvenance
     from kws_lightning.checkpoints import check_resume_checkpoint
+    from kws_lightning.distill import load_teachers
     from kws_lightning.module import KWSLightningModule
     from kws_lightning.utils.instantiate import build_kws_model, instantiate_named, to_plain
     from kws_lightning.utils.provenance import collect_run_info, resolved_config, write_resolved_config
@@ -104,6 +106,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         spec_augment=instantiate(cfg.spec_augment) if cfg.get("spec_augment") else None,
         mixup=instantiate(cfg.mixup) if cfg.get("mixup") else None,
+        # Reloaded from the config on every run (a resumed one too), never from a checkpoint.
+        teachers=load_teachers(to_plain(cfg.get("distill")), datamodule),
     )
 
     callbacks = [*instantiate_named(cfg.get("callbacks"), "callbacks"), provenance]

@@ -172,6 +172,23 @@ def test_silence_is_noise_at_a_streams_level_below_the_batchs_speech():
     assert level_db.min() > 9.95 and level_db.max() < 30.05 and level_db.max() - level_db.min() > 15
 
 
+def test_silence_snr_p_keeps_a_share_of_loud_gain_silence():
+    torch.manual_seed(0)
+    waves, lengths = burst_batch([(4000, 12000)] * 6 + [(0, 1)] * 400)
+    lengths[6:] = 0
+    waves[6:] = 0
+    synth = torch.arange(len(waves)) >= 6
+    cfg = quiet_path(noise={"enabled": False}, silence={"snr_db": [40, 50], "snr_p": 0.3, "p_zero": 0.0})
+    out = prepare_batch(waves, lengths, synth, white_bank(level=0.2), cfg, train=True)
+    speech_level = speech_stats(waves, lengths).rms[:6].median()
+    level_db = 20 * torch.log10(speech_level / out[6:].pow(2).mean(dim=1).sqrt().clamp_min(1e-12))
+    at_snr = (level_db > 39.95) & (level_db < 50.05)
+    assert 0.22 < at_snr.float().mean() < 0.38  # snr_p
+    # The rest is gain U[0, 1] x the bank's 0.2 RMS: 0 to 14 dB below this speech (RMS ~0.1 / sqrt(2) ...).
+    loud = level_db[~at_snr]
+    assert loud.max() < 40 and (loud < 10).float().mean() > 0.7
+
+
 def test_offsets_place_speech_anywhere_keeping_most_of_it_in_the_window():
     torch.manual_seed(0)
     count = 1500
@@ -230,6 +247,7 @@ def test_options_off_give_bit_identical_batches(preset):
         ({"stream": {"offset_p": 1.5}}, "stream.offset_p"),
         ({"stream": {"min_speech_kept": 0.0}}, "min_speech_kept"),
         ({"stream": {"half_keywords": 0.1}}, "augment.stream has unknown keys"),
+        ({"silence": {"snr_p": 1.5}}, "silence.snr_p"),
     ],
 )
 def test_stream_config_errors(values, message):

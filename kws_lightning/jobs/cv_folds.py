@@ -16,7 +16,17 @@ from pathlib import Path
 from kws_lightning.utils.job_result import FAILED, FILENAME, INTERRUPTED, OK, JobResult, read_job_result
 
 # cv's own settings (conf/cv.yaml); every other override on cv's command line is passed on to each fold.
-CV_KEYS = ("k", "jobs", "threads", "out_dir", "aggregate_only", "score_batch_size", "score_device")
+CV_KEYS = (
+    "k",
+    "jobs",
+    "threads",
+    "out_dir",
+    "aggregate_only",
+    "score_batch_size",
+    "score_device",
+    "ensemble",
+    "ensemble_weights",
+)
 # Keys cv sets for every fold itself: given by the user they would be overwritten, so they are an error.
 OWNED_KEYS = {
     "data.fold": "cv trains every fold 0..k-1 itself",

@@ -118,7 +118,12 @@ def check_train_config(cfg: DictConfig, k: int) -> None:
 
 def run_cv(cfg: DictConfig, task_overrides: list[str]) -> int:
     """Train what is missing, score, summarise. 0: every fold in the summary; 1: some missing; 128 + signal
-    when stopped by SIGINT/SIGTERM (run the same command again to resume)."""
+    when stopped by SIGINT/SIGTERM (run the same command again to resume). With `ensemble=[RUN,...]`: score
+    that ensemble of finished cv runs instead (`cv_ensemble.py`), training nothing."""
+    if cfg.get("ensemble"):
+        from kws_lightning.jobs.cv_ensemble import run_ensemble
+
+        return run_ensemble(cfg, task_overrides)
     settings = settings_from(cfg, task_overrides)
     out_dir = settings.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,31 @@ def fold_checkpoints(folder: Path, result: JobResult) -> dict[str, Path]:
     return {"best": best, "last": last}
 
 
-def _stamp(path: Path) -> dict[str, Any]:
+def checkpoint_stamp(path: Path) -> dict[str, Any]:
+    """What a scores cache is keyed by: a checkpoint's resolved path, size and modification time."""
     stat = path.stat()
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def read_cached(cache: Path, key: Any, version: int = SCORES_VERSION) -> dict[str, Any] | None:
+    """The record in `cache` when it was written for `key` (and this version), else None."""
+    if not cache.is_file():
+        return None
+    try:
+        cached = json.loads(cache.read_text())
+    except ValueError:
+        return None  # damaged: scored again and rewritten
+    if not isinstance(cached, dict) or cached.get("version") != version or cached.get("checkpoints") != key:
+        return None
+    cached["cached"] = True
+    return cached
+
+
+def write_cached(cache: Path, record: dict[str, Any]) -> None:
+    """Write a scores record atomically (a reader never sees half a file)."""
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, cache)
 
 
 def score_fold(
@@ -58,27 +80,66 @@ def score_fold(
     """The fold's held-out scores for both weights (read from `cv_scores.json` when it is current), scored
     with `threads` torch threads (None: torch's default)."""
     checkpoints = fold_checkpoints(folder, result)
-    key = {name: _stamp(path) for name, path in checkpoints.items()}
+    key = {name: checkpoint_stamp(path) for name, path in checkpoints.items()}
     cache = folder / SCORES_FILE
-    if cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-        except ValueError:
-            cached = {}  # damaged: scored again and rewritten
-        if cached.get("version") == SCORES_VERSION and cached.get("checkpoints") == key:
-            cached["cached"] = True
-            return cached
+    cached = read_cached(cache, key)
+    if cached is not None:
+        return cached
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     record = _score(checkpoints, fold, num_folds, cache_dir, batch_size, device)
     record.update(version=SCORES_VERSION, fold=fold, checkpoints=key)
-    tmp = folder / f".{SCORES_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, cache)
+    write_cached(cache, record)
     record["cached"] = False
     return record
+
+
+def checkpoint_fold(path: Path | str, config: dict[str, Any], fold: int, num_folds: int, fix: str) -> dict:
+    """The checkpoint's data config, checked to be fold `fold` of `num_folds` (else a ValueError ending in
+    `fix`)."""
+    data = dict(config.get("data") or {})
+    if (data.get("fold"), data.get("num_folds")) != (fold, num_folds):
+        raise ValueError(
+            f"{path} was trained with data.fold={data.get('fold')} data.num_folds={data.get('num_folds')}, "
+            f"not fold {fold} of {num_folds}: it is not this fold's checkpoint ({fix})"
+        )
+    return data
+
+
+def held_out_set(predictor: Any, data: dict[str, Any], cache_dir: str, batch_size: int) -> Any:
+    """The held-out fold as `trainer.test` scored it: rebuilt from the checkpoint's data config."""
+    from kws_lightning.eval import datamodule_test_set
+
+    return datamodule_test_set(
+        predictor, str(data.get("cache_dir") or cache_dir), batch_size, 0, None, "testing"
+    )
+
+
+def weights_entry(probs: Any, targets: Any, labels: list[str]) -> dict[str, Any]:
+    """One model's (or ensemble's) figures on a held-out set, as `cv_scores.json` stores them."""
+    from kws_lightning.eval import classification_metrics
+
+    metrics = classification_metrics(targets, probs, labels)
+    return {
+        "accuracy": metrics["accuracy"],
+        "correct": int((probs.argmax(axis=1) == targets).sum()),
+        "macro_f1": metrics["macro_f1"],
+        "per_class": metrics["per_class"],
+    }
+
+
+def held_out_facts(eval_set: Any) -> dict[str, Any]:
+    """Items, speakers and description of a held-out set."""
+    from kws_lightning.data.index import speaker_of
+
+    speakers = {speaker_of(n) for n in eval_set.names if not n.startswith("<silence")}
+    return {
+        "held_out_items": len(eval_set.names),
+        "held_out_speakers": len(speakers),
+        "data": eval_set.description,
+    }
 
 
 def _score(
@@ -86,42 +147,23 @@ def _score(
 ) -> dict[str, Any]:
     import numpy as np
 
-    from kws_lightning.data.index import speaker_of
-    from kws_lightning.eval import classification_metrics, datamodule_test_set, score
+    from kws_lightning.eval import score
     from kws_lightning.inference import Predictor
 
     record: dict[str, Any] = {"weights": {}}
     eval_set, data_config, targets = None, None, None
     for name in WEIGHTS:
         predictor = Predictor.from_checkpoints(str(checkpoints[name]), device)
-        data = dict(predictor.configs[0].get("data") or {})
-        if (data.get("fold"), data.get("num_folds")) != (fold, num_folds):
-            raise ValueError(
-                f"{checkpoints[name]} was trained with data.fold={data.get('fold')} "
-                f"data.num_folds={data.get('num_folds')}, not fold {fold} of {num_folds}: it is not this "
-                "fold's checkpoint (delete the fold folder to retrain it)"
-            )
+        fix = "delete the fold folder to retrain it"
+        data = checkpoint_fold(checkpoints[name], predictor.configs[0], fold, num_folds, fix)
         if eval_set is None or data != data_config:
-            # The held-out fold as `trainer.test` scored it: rebuilt from the checkpoint's data config.
-            eval_set = datamodule_test_set(
-                predictor, str(data.get("cache_dir") or cache_dir), batch_size, 0, None, "testing"
-            )
+            eval_set = held_out_set(predictor, data, cache_dir, batch_size)
             data_config = data
         probs, fold_targets = score(predictor, eval_set)
         if targets is not None and not np.array_equal(targets, fold_targets):
             raise ValueError(f"{checkpoints[name]}: its held-out draw differs from the other checkpoint's")
         targets = fold_targets
-        metrics = classification_metrics(fold_targets, probs, predictor.labels)
-        correct = int((probs.argmax(axis=1) == fold_targets).sum())
-        record["weights"][name] = {
-            "accuracy": metrics["accuracy"],
-            "correct": correct,
-            "macro_f1": metrics["macro_f1"],
-            "per_class": metrics["per_class"],
-        }
+        record["weights"][name] = weights_entry(probs, fold_targets, predictor.labels)
         record["labels"] = list(predictor.labels)
-    speakers = {speaker_of(n) for n in eval_set.names if not n.startswith("<silence")}
-    record.update(
-        held_out_items=len(eval_set.names), held_out_speakers=len(speakers), data=eval_set.description
-    )
+    record.update(held_out_facts(eval_set))
     return record

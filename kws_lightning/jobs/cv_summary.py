@@ -1,7 +1,8 @@
 """`cv`'s figures over folds: per-fold table, mean, standard deviation (ddof 1), 95 % interval of the mean
 (Student's t, k-1 degrees of freedom), the paired difference final weights - best checkpoint, per-class
 accuracy (recall) averaged over folds and the accuracy pooled over every held-out item. Written as
-`cv_summary.json`, `cv_folds.csv` and `cv_summary.md`."""
+`cv_summary.json`, `cv_folds.csv` and `cv_summary.md`. The pieces (per class, pooled, table lines) are
+shared with the ensemble summary (`cv_ensemble.py`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,22 @@ import csv
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 CONFIDENCE = 0.95
+FOLD_COLUMNS = (
+    "fold",
+    "held_out_items",
+    "held_out_speakers",
+    "val_acc_best",
+    "acc_best_ckpt",
+    "acc_last",
+    "last_minus_best",
+    "correct_best_ckpt",
+    "correct_last",
+)
 
 
 def t_quantile(dof: int, confidence: float = CONFIDENCE) -> float:
@@ -64,46 +76,77 @@ def summarize(
     """The summary of the folds scored (`folds`: fold -> cv_scores record) and why the others are missing."""
     order = sorted(folds)
     rows = [fold_row(i, folds[i], val_acc.get(i)) for i in order]
-    labels = folds[order[0]]["labels"] if order else []
-    per_class: dict[str, dict[str, Any]] = {}
-    for label in labels:
-        entry = {}
-        for weights in ("best", "last"):
-            recalls = [folds[i]["weights"][weights]["per_class"][label]["recall"] for i in order]
-            entry[weights] = describe([r for r in recalls if r is not None])["mean"]
-        per_class[label] = entry
-    items = sum(row["held_out_items"] for row in rows)
-    pooled = {
-        "items": items,
-        "acc_best_ckpt": sum(row["correct_best_ckpt"] for row in rows) / items if items else None,
-        "acc_last": sum(row["correct_last"] for row in rows) / items if items else None,
-    }
     vals = [row["val_acc_best"] for row in rows if row["val_acc_best"] is not None]
     return {
-        "k": k,
-        "folds_scored": order,
-        "folds_missing": {str(i): reason for i, reason in sorted(missing.items())},
-        "confidence": CONFIDENCE,
+        **summary_head(k, order, missing),
         "acc_best_ckpt": describe([row["acc_best_ckpt"] for row in rows]),
         "acc_last": describe([row["acc_last"] for row in rows]),
         "last_minus_best": describe([row["last_minus_best"] for row in rows]),
         "val_acc_best": describe(vals),
-        "pooled": pooled,
-        "per_class_recall_mean": per_class,
+        "pooled": pooled_accuracy(rows, {"acc_best_ckpt": "correct_best_ckpt", "acc_last": "correct_last"}),
+        "per_class_recall_mean": per_class_recall_mean(folds, ("best", "last")),
         "folds": rows,
     }
 
 
-def _f(value: float | None, digits: int = 4) -> str:
+def summary_head(k: int, order: Sequence[int], missing: Mapping[int, str]) -> dict[str, Any]:
+    """The keys every cv summary starts with: k, the folds scored and why the others are missing."""
+    return {
+        "k": k,
+        "folds_scored": list(order),
+        "folds_missing": {str(i): reason for i, reason in sorted(missing.items())},
+        "confidence": CONFIDENCE,
+    }
+
+
+def per_class_recall_mean(
+    folds: Mapping[int, Mapping[str, Any]], weights: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
+    """Each class's recall averaged over folds, per weights (a fold where it is undefined left out)."""
+    order = sorted(folds)
+    labels = folds[order[0]]["labels"] if order else []
+    per_class: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        entry = {}
+        for name in weights:
+            recalls = [folds[i]["weights"][name]["per_class"][label]["recall"] for i in order]
+            entry[name] = describe([r for r in recalls if r is not None])["mean"]
+        per_class[label] = entry
+    return per_class
+
+
+def pooled_accuracy(rows: Sequence[Mapping[str, Any]], correct_of: Mapping[str, str]) -> dict[str, Any]:
+    """Accuracy over every held-out item of the rows: name -> sum of its `correct` column / items."""
+    items = sum(row["held_out_items"] for row in rows)
+    pooled: dict[str, Any] = {"items": items}
+    for name, column in correct_of.items():
+        pooled[name] = sum(row[column] for row in rows) / items if items else None
+    return pooled
+
+
+def fig(value: float | None, digits: int = 4) -> str:
+    """A figure for a Markdown table; '-' when there is none."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _stat_line(name: str, stats: Mapping[str, Any], signed: bool = False) -> str:
+def over_folds_header(confidence: float) -> list[str]:
+    """The lines that open a summary's table of figures over folds."""
+    return [
+        "",
+        f"Over folds (std ddof 1; {int(confidence * 100)} % interval of the mean, t, k-1 dof):",
+        "",
+        "| figure | mean | std | 95 % interval | folds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+
+def stat_line(name: str, stats: Mapping[str, Any], signed: bool = False) -> str:
+    """One row of the over-folds table: mean, std, 95 % interval, folds."""
     if stats["mean"] is None:
         return f"| {name} | - | - | - | 0 |"
     fmt = "+.4f" if signed else ".4f"
     interval = "-" if stats["ci95"] is None else f"[{stats['ci95'][0]:{fmt}}, {stats['ci95'][1]:{fmt}}]"
-    return f"| {name} | {stats['mean']:{fmt}} | {_f(stats['std'])} | {interval} | {stats['n']} |"
+    return f"| {name} | {stats['mean']:{fmt}} | {fig(stats['std'])} | {interval} | {stats['n']} |"
 
 
 def format_markdown(summary: Mapping[str, Any], title: str = "Cross-validation") -> str:
@@ -116,39 +159,47 @@ def format_markdown(summary: Mapping[str, Any], title: str = "Cross-validation")
     for row in summary["folds"]:
         lines.append(
             f"| {row['fold']} | {row['held_out_items']} | {row['held_out_speakers']} | "
-            f"{_f(row['val_acc_best'])} | {_f(row['acc_best_ckpt'])} | {_f(row['acc_last'])} | "
+            f"{fig(row['val_acc_best'])} | {fig(row['acc_best_ckpt'])} | "
+            f"{fig(row['acc_last'])} | "
             f"{row['last_minus_best']:+.4f} |"
         )
-    lines += [
-        "",
-        f"Over folds (std ddof 1; {int(summary['confidence'] * 100)} % interval of the mean, t, k-1 dof):",
-        "",
-        "| figure | mean | std | 95 % interval | folds |",
-        "|---|---:|---:|---:|---:|",
-        _stat_line("held-out acc, best-validation checkpoint", summary["acc_best_ckpt"]),
-        _stat_line("held-out acc, final weights (last.ckpt)", summary["acc_last"]),
-        _stat_line("paired difference last - best", summary["last_minus_best"], signed=True),
-        _stat_line("validation acc (best)", summary["val_acc_best"]),
+    lines += over_folds_header(summary["confidence"]) + [
+        stat_line("held-out acc, best-validation checkpoint", summary["acc_best_ckpt"]),
+        stat_line("held-out acc, final weights (last.ckpt)", summary["acc_last"]),
+        stat_line("paired difference last - best", summary["last_minus_best"], signed=True),
+        stat_line("validation acc (best)", summary["val_acc_best"]),
     ]
     pooled = summary["pooled"]
     lines += [
         "",
-        f"Pooled over all {pooled['items']} held-out items: best checkpoint {_f(pooled['acc_best_ckpt'])}, "
-        f"final weights {_f(pooled['acc_last'])}.",
+        f"Pooled over all {pooled['items']} held-out items: "
+        f"best checkpoint {fig(pooled['acc_best_ckpt'])}, "
+        f"final weights {fig(pooled['acc_last'])}.",
     ]
-    if summary["per_class_recall_mean"]:
-        lines += ["", "Per-class accuracy (recall), mean over folds:", "", "| class | best ckpt | last |"]
-        lines.append("|---|---:|---:|")
-        for label, entry in summary["per_class_recall_mean"].items():
-            lines.append(f"| {label} | {_f(entry['best'])} | {_f(entry['last'])} |")
-    missing = summary["folds_missing"]
-    lines += [""]
-    if missing:
-        lines.append(f"Missing {len(missing)} of {summary['k']} folds (not in the figures above):")
-        lines += [f"- fold {fold}: {reason}" for fold, reason in missing.items()]
-    else:
-        lines.append(f"All {summary['k']} folds scored.")
+    lines += per_class_lines(summary["per_class_recall_mean"], {"best": "best ckpt", "last": "last"})
+    lines += missing_lines(summary)
     return "\n".join(lines) + "\n"
+
+
+def per_class_lines(per_class: Mapping[str, Mapping[str, Any]], columns: Mapping[str, str]) -> list[str]:
+    """The per-class recall table (`columns`: weights name -> header), after a blank line; none if empty."""
+    if not per_class:
+        return []
+    lines = ["", "Per-class accuracy (recall), mean over folds:", ""]
+    lines.append("| class | " + " | ".join(columns.values()) + " |")
+    lines.append("|---|" + "---:|" * len(columns))
+    for label, entry in per_class.items():
+        lines.append(f"| {label} | " + " | ".join(fig(entry[name]) for name in columns) + " |")
+    return lines
+
+
+def missing_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Which folds are not in the figures and why (or that all are), after a blank line."""
+    missing = summary["folds_missing"]
+    if not missing:
+        return ["", f"All {summary['k']} folds scored."]
+    lines = ["", f"Missing {len(missing)} of {summary['k']} folds (not in the figures above):"]
+    return lines + [f"- fold {fold}: {reason}" for fold, reason in missing.items()]
 
 
 def _write(path: Path, text: str) -> None:
@@ -157,26 +208,22 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(summary: Mapping[str, Any], out_dir: Path, title: str = "Cross-validation") -> str:
-    """cv_summary.json, cv_folds.csv and cv_summary.md in `out_dir`; returns the Markdown."""
+def write_summary(
+    summary: Mapping[str, Any],
+    out_dir: Path,
+    title: str = "Cross-validation",
+    columns: Sequence[str] = FOLD_COLUMNS,
+    formatter: Callable[[Mapping[str, Any], str], str] = format_markdown,
+) -> str:
+    """cv_summary.json, cv_folds.csv (`columns` of the summary's fold rows) and cv_summary.md (`formatter`)
+    in `out_dir`; returns the Markdown."""
     _write(out_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-    columns = [
-        "fold",
-        "held_out_items",
-        "held_out_speakers",
-        "val_acc_best",
-        "acc_best_ckpt",
-        "acc_last",
-        "last_minus_best",
-        "correct_best_ckpt",
-        "correct_last",
-    ]
     tmp = out_dir / f".cv_folds.csv.tmp-{os.getpid()}"
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(summary["folds"])
     os.replace(tmp, out_dir / "cv_folds.csv")
-    markdown = format_markdown(summary, title)
+    markdown = formatter(summary, title)
     _write(out_dir / "cv_summary.md", markdown)
     return markdown
