@@ -200,13 +200,12 @@ class Predictor:
         return self.labels[2:]
 
     @torch.inference_mode()
-    def posteriors(self, waves: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Float waves (B, clip_samples) in [-1, 1] -> posteriors (B, classes), averaged over the ensemble.
-        `temperature` T softens each model's softmax(logits / T) (distillation, kws_lightning/distill.py)."""
+    def posteriors(self, waves: torch.Tensor) -> torch.Tensor:
+        """Float waves (B, clip_samples) in [-1, 1] -> posteriors (B, classes), averaged over the ensemble."""
         waves = waves.to(self.device, torch.float32)
-        total = torch.softmax(run_model(self.models[0], waves) / temperature, dim=-1)
+        total = torch.softmax(run_model(self.models[0], waves), dim=-1)
         for model in self.models[1:]:
-            total += torch.softmax(run_model(model, waves) / temperature, dim=-1)
+            total += torch.softmax(run_model(model, waves), dim=-1)
         return total / len(self.models)
 
     def views(self, waves: torch.Tensor, lengths: torch.Tensor, tta: TTAConfig | None = None) -> torch.Tensor:
