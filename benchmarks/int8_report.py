@@ -1,11 +1,12 @@
 """Float vs int8 ONNX for one checkpoint: file size, network weights and front-end constants, single-clip
-latency on one CPU thread (onnxruntime), and accuracy on the checkpoint's fixed test draw (as `eval` scores
-it). Exports both files (`kws_lightning.export ... quantize=int8`) unless they exist.
+latency on one CPU thread (onnxruntime), and accuracy on the checkpoint's fixed draws (as `eval` scores
+them; --splits validation first, to choose quantisation settings before reading test figures). Exports both
+files (`kws_lightning.export ... quantize=int8`) unless they exist.
 
 Prints one figure per line (``name value unit``); --name prefixes them.
 
     python benchmarks/int8_report.py --ckpt CKPT --out DIR [--name tc_resnet14] [--runs 200]
-        [--calibration-clips 400] [--data-root PATH]
+        [--calibration-clips 400] [--data-root PATH] [--per-tensor] [--splits validation testing]
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="the checkpoint's data set, if moved")
     parser.add_argument("--cache-dir", default="logs/cache")
     parser.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor")
+    parser.add_argument(
+        "--splits", nargs="+", default=["testing"], choices=["validation", "testing"], help="draws to score"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     float_path, int8_path = out / "model.onnx", out / "model.int8.onnx"
@@ -62,16 +66,18 @@ def main() -> None:
         )
     excluded = set(frontend_nodes(onnx.load(str(float_path))))
     checkpoint = Predictor.from_checkpoints(args.ckpt, "cpu")
-    accuracies = {}
+    accuracies: dict[tuple[str, str], float] = {}
     for kind, path, predictor in (
         ("checkpoint", None, checkpoint),
         ("float", float_path, Predictor.from_exported(float_path, threads=1)),
         ("int8", int8_path, Predictor.from_exported(int8_path, threads=1)),
     ):
-        test_set = datamodule_test_set(predictor, args.cache_dir, 64, 0, args.data_root)
-        probs, targets = score(predictor, test_set)
-        accuracies[kind] = classification_metrics(targets, probs, predictor.labels)["accuracy"]
-        print(f"{args.name}_{kind}_accuracy {accuracies[kind]:.4f} on {len(targets)} test clips")
+        for split in args.splits:
+            draw = datamodule_test_set(predictor, args.cache_dir, 64, 0, args.data_root, split=split)
+            probs, targets = score(predictor, draw)
+            accuracy = classification_metrics(targets, probs, predictor.labels)["accuracy"]
+            accuracies[kind, split] = accuracy
+            print(f"{args.name}_{kind}_{split}_accuracy {accuracy:.4f} on {len(targets)} clips")
         if path is None:
             continue
         sizes = weight_sizes(onnx.load(str(path)), excluded)
@@ -82,7 +88,9 @@ def main() -> None:
     float_w = weight_sizes(onnx.load(str(float_path)), excluded)["network_bytes"]
     int8_w = weight_sizes(onnx.load(str(int8_path)), excluded)["network_bytes"]
     print(f"{args.name}_network_weights_ratio {float_w / int8_w:.2f} float/int8")
-    print(f"{args.name}_accuracy_lost {100 * (accuracies['float'] - accuracies['int8']):.2f} points")
+    for split in args.splits:
+        lost = 100 * (accuracies["float", split] - accuracies["int8", split])
+        print(f"{args.name}_{split}_accuracy_lost {lost:.2f} points")
 
 
 if __name__ == "__main__":

@@ -50,14 +50,17 @@ def datamodule_test_set(
     num_workers: int,
     data_root: str | None = None,
     split: str = "testing",
+    extra_training_roots: Sequence[str] | None = None,
 ) -> EvalSet:
     """The checkpoint's own fixed draw of `split` (testing or validation), rebuilt by
     `SpeechCommandsDataModule` from its data config (by `kws_lightning.checkpoints.build_stored`: only a
-    registered data module, never whatever `_target_` the checkpoint names)."""
+    registered data module, never whatever `_target_` the checkpoint names). `extra_training_roots` (None:
+    the checkpoint's own) replaces its extra training folders, which never change the draw."""
     from kws_lightning.checkpoints import stored_datamodule
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    extra = {} if extra_training_roots is None else {"extra_training_roots": list(extra_training_roots)}
 
     datamodule = stored_datamodule(
         predictor.configs[0],
@@ -68,6 +71,7 @@ def datamodule_test_set(
         cache_dir=cache_dir,
         batch_size=batch_size,
         num_workers=num_workers,
+        **extra,
     )
     if datamodule.labels != predictor.labels:
         raise ValueError(
@@ -311,7 +315,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         eval_set = folder_test_set(predictor, folder, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers)
     else:
         eval_set = datamodule_test_set(
-            predictor, cfg.paths.cache_dir, cfg.batch_size, cfg.num_workers, cfg.get("data_root"), split
+            predictor,
+            cfg.paths.cache_dir,
+            cfg.batch_size,
+            cfg.num_workers,
+            cfg.get("data_root"),
+            split,
+            cfg.get("extra_training_roots"),
         )
     log.info("scoring %s", eval_set.description)
     tta = TTAConfig.from_mapping(cfg.tta_options) if cfg.tta else None
@@ -343,10 +353,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     from kws_lightning.data.extract import ArchiveError
     from kws_lightning.data.fetch import DownloadError
+    from kws_lightning.data.index import DataLayoutError
 
     try:
         return evaluate(cfg)["accuracy"]
-    except (ArchiveError, DownloadError) as error:  # input=test_v0.0X: one line naming the fix
+    # input=test_v0.0X, or a data folder (root, extra training roots) not where the checkpoint says: one
+    # line naming the fix.
+    except (ArchiveError, DownloadError, DataLayoutError) as error:
         import sys
 
         print(f"error: {error}", file=sys.stderr)

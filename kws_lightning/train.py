@@ -92,6 +92,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     record = {key: to_plain(cfg.get(key)) for key in HPARAM_GROUPS}
     # The data module's absolute paths, so a checkpoint is evaluated the same from any directory.
     record["data"].update(root=datamodule.hparams.root, cache_dir=datamodule.hparams.cache_dir)
+    if "extra_training_roots" in record["data"]:
+        record["data"]["extra_training_roots"] = list(datamodule.hparams.extra_training_roots)
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     # Training-only knobs; an empty group choice (spec_augment=none, mixup=none) switches one off.

@@ -42,6 +42,20 @@ def synthetic_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="session")
+def synthetic_root(synthetic_overrides: list[str]) -> Path:
+    """The session's synthetic speech folder (training layout, speaker-disjoint validation / testing lists),
+    for tests that use it as a plain data.root."""
+    from kws_lightning.data.synthetic import ensure_synthetic_dataset
+
+    cache = next(Path(o.split("=", 1)[1]) for o in synthetic_overrides if o.startswith("paths.cache_dir="))
+    return Path(
+        ensure_synthetic_dataset(
+            cache, clips_per_word=SYNTHETIC_CLIPS_PER_WORD, seed=0, noise_seconds=SYNTHETIC_NOISE_SECONDS
+        )
+    )
+
+
 # ---- eval / predict / listen / export tests (issue 5): one tiny trained checkpoint for all of them ----
 
 # ~20 s of CPU: 5 epochs of ~400 synthetic items with a narrow cnn-trad-pool2 (test/acc 0.40 vs chance

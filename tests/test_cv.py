@@ -40,21 +40,6 @@ from kws_lightning.utils.job_result import make_result, read_job_result, write_j
 KEYWORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(synthetic_overrides: list[str]) -> Path:
-    """The session's synthetic set: training layout with speaker-disjoint validation / testing lists."""
-    from conftest import SYNTHETIC_CLIPS_PER_WORD, SYNTHETIC_NOISE_SECONDS
-
-    from kws_lightning.data.synthetic import ensure_synthetic_dataset
-
-    cache = next(Path(o.split("=", 1)[1]) for o in synthetic_overrides if o.startswith("paths.cache_dir="))
-    return Path(
-        ensure_synthetic_dataset(
-            cache, clips_per_word=SYNTHETIC_CLIPS_PER_WORD, seed=0, noise_seconds=SYNTHETIC_NOISE_SECONDS
-        )
-    )
-
-
 def check_folds(root: Path, k: int) -> None:
     """Every training + validation speaker held out in exactly one of the k folds; testing-list clips never
     used; held-out, validation and training speakers disjoint within each fold."""

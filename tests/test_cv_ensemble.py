@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,12 +66,16 @@ def perturb(path: Path, generator: torch.Generator) -> None:
     torch.save(checkpoint, path)
 
 
-def ensemble_cfg(members: list[Path], out_dir: Path, cache_dir: str, weights: str = "last"):
+def ensemble_cfg(
+    members: list[Path], out_dir: Path, cache_dir: str, weights: str = "last", tta: bool = False
+):
     """cv's composed config as the ensemble reads it."""
     return OmegaConf.create(
         {
             "ensemble": [str(m) for m in members],
             "ensemble_weights": weights,
+            "tta": tta,
+            "tta_options": {"shift_ms": 100.0, "gains_db": [-6.0, 6.0]},
             "out_dir": str(out_dir),
             "k": 5,
             "threads": 1,
@@ -81,10 +86,12 @@ def ensemble_cfg(members: list[Path], out_dir: Path, cache_dir: str, weights: st
     )
 
 
-def run_in_process(members: list[Path], out_dir: Path, cache_dir: str, weights: str = "last") -> dict:
+def run_in_process(
+    members: list[Path], out_dir: Path, cache_dir: str, weights: str = "last", tta: bool = False
+) -> dict:
     from kws_lightning.jobs.cv_ensemble import run_ensemble
 
-    assert run_ensemble(ensemble_cfg(members, out_dir, cache_dir, weights), []) == 0
+    assert run_ensemble(ensemble_cfg(members, out_dir, cache_dir, weights, tta), []) == 0
     return json.loads((out_dir / "cv_summary.json").read_text())
 
 
@@ -100,7 +107,7 @@ def test_an_ensemble_of_one_run_scores_as_that_run(runs, tmp_path):
         assert summary["train_time_s"]["total"] == pytest.approx(100.0 + 101.0)
 
 
-def by_hand(members: list[Path], fold: int, cache_dir: str) -> tuple[float, list[float]]:
+def by_hand(members: list[Path], fold: int, cache_dir: str, tta: Any = None) -> tuple[float, list[float]]:
     """Accuracy of the mean of the members' last.ckpt posteriors, each member loaded on its own."""
     from kws_lightning.eval import datamodule_test_set, score
     from kws_lightning.inference import Predictor
@@ -111,7 +118,7 @@ def by_hand(members: list[Path], fold: int, cache_dir: str) -> tuple[float, list
         last = fold_checkpoints(folder, read_job_result(folder / "job_result.json"))["last"]
         predictor = Predictor.from_checkpoints(str(last), "cpu")
         eval_set = datamodule_test_set(predictor, cache_dir, 64, 0, None, "testing")
-        member_probs, member_targets = score(predictor, eval_set)
+        member_probs, member_targets = score(predictor, eval_set, tta)
         assert targets is None or np.array_equal(targets, member_targets)
         probs.append(member_probs)
         targets = member_targets
@@ -153,6 +160,29 @@ def test_an_ensemble_of_two_averages_posteriors_sums_times_and_reruns_from_cache
     again = run_in_process(members, out_dir, runs["cache_dir"])
     assert capsys.readouterr().out.count(": cached scores: held-out acc ensemble") == K
     assert again["folds"] == summary["folds"]
+
+
+def test_tta_scores_every_member_with_test_time_augmentation_and_is_cached_apart(runs, tmp_path):
+    from kws_lightning.inference import TTAConfig
+    from kws_lightning.jobs.cv_run import run_cv
+
+    plain = run_in_process([runs["one"], runs["two"]], tmp_path / "ens", runs["cache_dir"])
+    # Same out_dir: the plain scores are cached there, TTA must not reuse them.
+    tta = run_in_process([runs["one"], runs["two"]], tmp_path / "ens", runs["cache_dir"], tta=True)
+    assert tta["ensemble"]["tta"] == {"shift_ms": 100.0, "gains_db": [-6.0, 6.0]}
+    options = TTAConfig(shift_ms=100.0, gains_db=(-6.0, 6.0))
+    for row in tta["folds"]:
+        expected, (alone_one, alone_two) = by_hand(
+            [runs["one"], runs["two"]], row["fold"], runs["cache_dir"], options
+        )
+        assert row["acc_ensemble"] == pytest.approx(expected, abs=1e-12)
+        assert (row["acc_one"], row["acc_two"]) == pytest.approx((alone_one, alone_two), abs=1e-12)
+    # TTA changes the posteriors: some member figure moves (the perturbed model's, at least).
+    assert [r["acc_two"] for r in tta["folds"]] != [r["acc_two"] for r in plain["folds"]]
+    assert "test-time augmentation" in (tmp_path / "ens" / "cv_summary.md").read_text()
+    # A training cv run refuses it: TTA is a way of scoring, not of training.
+    with pytest.raises(CVError, match="tta=true applies to scoring finished runs"):
+        run_cv(OmegaConf.create({"ensemble": None, "tta": True}), ["tta=true"])
 
 
 def test_runs_cut_into_other_folds_are_refused(runs, run_cli, tmp_path):

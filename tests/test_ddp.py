@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import SYNTHETIC_CLIPS_PER_WORD, SYNTHETIC_NOISE_SECONDS
 from training_helpers import check_ok
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -54,17 +53,6 @@ def run_train(
         capture_output=True,
         text=True,
         timeout=timeout,
-    )
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(synthetic_overrides: list[str]) -> Path:
-    """The session's synthetic speech folder, used as a plain data.root (so a run can use a fresh cache)."""
-    from kws_lightning.data.synthetic import ensure_synthetic_dataset
-
-    cache = next(o.split("=", 1)[1] for o in synthetic_overrides if o.startswith("paths.cache_dir="))
-    return ensure_synthetic_dataset(
-        cache, clips_per_word=SYNTHETIC_CLIPS_PER_WORD, seed=0, noise_seconds=SYNTHETIC_NOISE_SECONDS
     )
 
 

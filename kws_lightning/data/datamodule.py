@@ -21,7 +21,12 @@ from kws_lightning.data.augment import (
     synthesize_silence,
 )
 from kws_lightning.data.dataset import ClipBatches, keep_batch
-from kws_lightning.data.index import DataLayoutError, IndexedDataset, index_training_layout
+from kws_lightning.data.index import (
+    DataLayoutError,
+    IndexedDataset,
+    add_extra_training_roots,
+    index_training_layout,
+)
 from kws_lightning.data.issues import hydra_run_dir, report_issues
 from kws_lightning.data.sampler import SILENCE_ITEM, TFStyleSampler, fixed_selection
 from kws_lightning.data.wave_cache import (
@@ -70,6 +75,9 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
 
     `fold` (0..num_folds-1; None: the folder's own split) selects a speaker-disjoint cross-validation
     fold (`kws_lightning.data.index.assign_cv_fold`): held out as the test split, the test list dropped.
+
+    `extra_training_roots`: more folders in the training layout (e.g. synthetic speech) whose clips all join
+    the training split only; the validation / test draws stay exactly as without them.
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         download: bool = False,
         fold: int | None = None,
         num_folds: int = 5,
+        extra_training_roots: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if root is None and synthetic is None:
@@ -120,6 +129,12 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         # No cache_dir: decode in memory, never into wherever the command was launched.
         root = None if root is None else str(Path(root).expanduser().resolve())
         cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())
+        if isinstance(extra_training_roots, str):
+            raise ValueError(
+                f"data.extra_training_roots={extra_training_roots!r} is one string: give a list, "
+                f"data.extra_training_roots=[{extra_training_roots}]"
+            )
+        extra_training_roots = [str(Path(p).expanduser().resolve()) for p in extra_training_roots or ()]
         self.save_hyperparameters(logger=False)
         self.keywords = list(keywords)
         self.labels = make_labels(self.keywords)
@@ -183,6 +198,8 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
             hp.fold,
             hp.num_folds,
         )
+        # Appended after the main clips: their row numbers, and so the evaluation draws, do not move.
+        dataset = add_extra_training_roots(dataset, hp.extra_training_roots, self.keywords)
         max_samples = None if hp.max_clip_s is None else int(round(hp.max_clip_s * self.sample_rate))
         cache = load_or_build(
             list(dataset.clips["path"]),
@@ -234,6 +251,24 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
             self.eval_items[split] = items
             self.eval_silence[split] = self._fixed_silence(int(silence.sum()), seed=hp.seed + 1000 + offset)
         log.info("data: %s", self.describe())
+        self._warn_shared_speakers()
+
+    def _warn_shared_speakers(self) -> None:
+        """Extra training clips by a speaker of the validation or test split make those splits no longer
+        speaker-disjoint from training (e.g. a copy of data.root given as an extra folder): say so."""
+        clips = self.dataset.clips
+        extra = clips["source"] != str(self.dataset.root)
+        if not extra.any():
+            return
+        held_out = set(clips.loc[~extra & (clips["split"] != "training"), "speaker"])
+        shared = sorted(held_out & set(clips.loc[extra, "speaker"]))
+        if shared:
+            log.warning(
+                "%d speaker(s) of the validation/test clips also speak in data.extra_training_roots "
+                "(first: %s): those splits are no longer speaker-disjoint from training",
+                len(shared),
+                shared[:3],
+            )
 
     def _load_noise(self) -> list[torch.Tensor]:
         recordings = []
@@ -280,17 +315,30 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         for split in ("training", "validation", "testing"):
             subset = clips[clips["split"] == split]
             parts.append(f"{split}: {len(subset)} clips, {subset['speaker'].nunique()} speakers")
+        if self.dataset.extra_roots:
+            extra = clips[clips["source"] != str(self.dataset.root)]
+            parts.append(
+                f"extra training clips: {len(extra)} ({(extra['label'] == UNKNOWN).sum()} unknown) from "
+                f"{', '.join(map(str, self.dataset.extra_roots))}"
+            )
         parts.append(f"epoch items: {self.train_sampler.epoch_size}")
         return "; ".join(parts)
 
     def index_hash(self) -> str:
         """sha256 of the clip table (path relative to the root, label, split; sorted by path): equal for
-        the same data set wherever it lives, different when a clip, a label or a split changes."""
+        the same data set wherever it lives, different when a clip, a label or a split changes. A clip of
+        the i-th extra training root counts as ``+extra<i>/<rel>``."""
         import hashlib
 
-        clips = self.dataset.clips.sort_values("rel")
+        clips = self.dataset.clips
+        position = {str(root): i for i, root in enumerate(self.dataset.extra_roots)}
+        keys = [
+            rel if source not in position else f"+extra{position[source]}/{rel}"
+            for rel, source in zip(clips["rel"], clips["source"], strict=True)
+        ]
+        clips = clips.assign(key=keys).sort_values("key")
         digest = hashlib.sha256()
-        for row in zip(clips["rel"], clips["label"], clips["split"], strict=True):
+        for row in zip(clips["key"], clips["label"], clips["split"], strict=True):
             digest.update(("\t".join(map(str, row)) + "\n").encode("utf-8"))
         return digest.hexdigest()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -45,6 +45,8 @@ class IndexedDataset:
     clips: pd.DataFrame
     noise_files: list[Path] = field(default_factory=list)
     split_source: str = "speaker-hash"
+    # Folders whose clips joined the training split only (`add_extra_training_roots`), in their order.
+    extra_roots: list[Path] = field(default_factory=list)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.clips[self.clips["split"] == name].reset_index(drop=True)
@@ -171,6 +173,22 @@ def _label_for(word: str, keywords: Sequence[str]) -> str:
     return word if word in keywords else UNKNOWN
 
 
+def _clip_rows(words: Mapping[str, Path], keywords: Sequence[str]) -> list[dict]:
+    """One row per clip of the word folders, labelled, all ``training`` (splits are assigned after)."""
+    return [
+        {
+            "path": str(wav),
+            "rel": f"{word}/{wav.name}",
+            "word": word,
+            "label": _label_for(word, keywords),
+            "speaker": speaker_of(wav.name),
+            "split": "training",
+        }
+        for word, folder in words.items()
+        for wav in sorted(folder.glob("*.wav"))
+    ]
+
+
 def _table(rows: list[dict], labels: list[str]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=CLIP_COLUMNS)
     table["target"] = table["label"].map({name: i for i, name in enumerate(labels)}).astype("int64")
@@ -203,19 +221,7 @@ def index_training_layout(
             f"(found: {sorted(words)[:12] or 'no word folders'}). Check data.root, or set data.keywords "
             "to words that are there."
         )
-    rows = [
-        {
-            "path": str(wav),
-            "rel": f"{word}/{wav.name}",
-            "word": word,
-            "label": _label_for(word, keywords),
-            "speaker": speaker_of(wav.name),
-            "split": "training",
-        }
-        for word, folder in words.items()
-        for wav in sorted(folder.glob("*.wav"))
-    ]
-    clips = _table(rows, labels)
+    clips = _table(_clip_rows(words, keywords), labels)
 
     explicit = dict(split_files or {})
     unknown_keys = set(explicit) - set(SPLITS)
@@ -238,9 +244,53 @@ def index_training_layout(
     if fold is not None:
         clips = assign_cv_fold(clips, fold, num_folds, validation_percentage)
         split_source = f"cv fold {fold}/{num_folds} held out as testing, of the {split_source}"
+    clips["source"] = str(audio_root)
     noise_dir = audio_root / BACKGROUND_NOISE_DIR
     noise_files = sorted(noise_dir.glob("*.wav")) if noise_dir.is_dir() else []
     return IndexedDataset(audio_root, labels, clips, noise_files, split_source)
+
+
+def add_extra_training_roots(
+    dataset: IndexedDataset, roots: Sequence[str | Path], keywords: Sequence[str] = DEFAULT_KEYWORDS
+) -> IndexedDataset:
+    """`dataset` with every clip of each folder in `roots` (training layout, e.g. synthetic speech)
+    appended as ``training``, whatever that folder's own lists say; `source` names the folder.
+
+    Appended after the main clips, so the main clips keep their row numbers (and the validation / test
+    draws, which are made of row numbers, stay exactly as without them). Word folders are labelled as
+    the main root's are; an extra folder's ``_background_noise_`` is not used.
+    """
+    fix = (
+        "fix the path in data.extra_training_roots, write the folder (e.g. `python -m "
+        "kws_lightning.data.synthetic out=DIR`), or leave it out (data.extra_training_roots=[]; when "
+        "scoring a checkpoint: python -m kws_lightning.eval ... extra_training_roots=[])"
+    )
+    seen = {dataset.root}
+    tables = [dataset.clips]
+    extra_roots = list(dataset.extra_roots)
+    for root in roots:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise DataLayoutError(f"extra training folder {path} does not exist or is not a folder: {fix}")
+        audio_root = find_audio_root(path)
+        words = _word_dirs(audio_root)
+        if not words:
+            raise DataLayoutError(
+                f"extra training folder {audio_root} has no word folders of .wav files "
+                f"(<word>/<speaker>_nohash_<n>.wav): {fix}"
+            )
+        if audio_root in seen:
+            # The same clips twice, or the main root's validation / test clips trained on.
+            raise DataLayoutError(
+                f"extra training folder {audio_root} is data.root or is listed twice: {fix}"
+            )
+        seen.add(audio_root)
+        table = _table(_clip_rows(words, keywords), dataset.labels)
+        table["source"] = str(audio_root)
+        tables.append(table)
+        extra_roots.append(audio_root)
+    clips = pd.concat(tables, ignore_index=True) if len(tables) > 1 else dataset.clips
+    return replace(dataset, clips=clips, extra_roots=extra_roots)
 
 
 def index_test_layout(root: str | Path, keywords: Sequence[str] = DEFAULT_KEYWORDS) -> IndexedDataset:
@@ -269,7 +319,9 @@ def index_test_layout(root: str | Path, keywords: Sequence[str] = DEFAULT_KEYWOR
                     "split": "testing",
                 }
             )
-    return IndexedDataset(audio_root, labels, _table(rows, labels), split_source="folder")
+    clips = _table(rows, labels)
+    clips["source"] = str(audio_root)
+    return IndexedDataset(audio_root, labels, clips, split_source="folder")
 
 
 def index_unlabeled(root: str | Path) -> pd.DataFrame:

@@ -5,15 +5,17 @@ Fold i of the ensemble averages the posteriors (`inference.Predictor`) of every 
 `cv_scores._score` scores a fold: rebuilt from the first member's data config; a member whose data config
 differs must rebuild the same clips with the same targets (else an error). Each member is scored alone on
 that same draw, so the paired difference ensemble - member is over identical clips. The ensemble's training
-time is the sum of its members' wall times (job_result.json). Scores are cached in
-`<out_dir>/fold_<i>/ensemble_scores.json`, keyed by the member checkpoints' stamps.
+time is the sum of its members' wall times (job_result.json). With `tta=true` the ensemble and every member
+are scored with test-time augmentation (`inference.TTAConfig`, `tta_options`), so an ensemble of one run
+with and without it measures TTA on the same draws. Scores are cached in
+`<out_dir>/fold_<i>/ensemble_scores.json`, keyed by the member checkpoints' stamps (and the TTA options).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,8 @@ class EnsembleSettings:
     batch_size: int
     device: str
     threads: int
+    # Test-time augmentation of every score (kws_lightning.inference.TTAConfig); None: plain clips.
+    tta: Any = None
 
 
 def run_folds_of(run_dir: Path) -> int:
@@ -135,6 +139,14 @@ def ensemble_settings(cfg: DictConfig, task_overrides: list[str]) -> EnsembleSet
         raise CVError(f"k={cfg.k}, but the members have {k} folds: drop k= (it is read from the runs)")
     if any((fold_dir(out_dir, f) / FILENAME).is_file() for f in range(k)):
         raise CVError(f"out_dir={out_dir} holds trained cv folds: give the ensemble its own out_dir=DIR")
+    tta = None
+    if cfg.get("tta"):
+        from kws_lightning.inference import TTAConfig
+
+        try:
+            tta = TTAConfig.from_mapping(cfg.get("tta_options"))
+        except ValueError as error:
+            raise CVError(f"tta_options: {error}") from None
     return EnsembleSettings(
         members=members,
         k=k,
@@ -144,6 +156,7 @@ def ensemble_settings(cfg: DictConfig, task_overrides: list[str]) -> EnsembleSet
         batch_size=int(cfg.score_batch_size),
         device=str(cfg.score_device),
         threads=int(cfg.threads),
+        tta=tta,
     )
 
 
@@ -171,6 +184,8 @@ def score_ensemble_fold(settings: EnsembleSettings, fold: int) -> dict[str, Any]
         checkpoints[member.name], times[member.name] = member_fold(member, fold, settings.weights)
     # A list: the members' order matters (the first member's data config gives the held-out draw).
     key = [[name, checkpoint_stamp(path)] for name, path in checkpoints.items()]
+    if settings.tta is not None:  # appended only with TTA: plain scores cached before TTA existed stay valid
+        key.append(["tta", asdict(settings.tta)])
     folder = fold_dir(settings.out_dir, fold)
     cache = folder / ENSEMBLE_FILE
     record = read_cached(cache, key, ENSEMBLE_VERSION)
@@ -178,6 +193,7 @@ def score_ensemble_fold(settings: EnsembleSettings, fold: int) -> dict[str, Any]
         folder.mkdir(parents=True, exist_ok=True)
         record = _score(settings, checkpoints, fold)
         record.update(version=ENSEMBLE_VERSION, fold=fold, weights_used=settings.weights, checkpoints=key)
+        record["tta"] = None if settings.tta is None else asdict(settings.tta)
         write_cached(cache, record)
         record["cached"] = False
     # Times are read afresh (not cached): they are the members' records, not scores.
@@ -218,7 +234,7 @@ def _score(settings: EnsembleSettings, checkpoints: Mapping[str, Path], fold: in
     eval_set = held_out_set(
         ensemble, {**datas[0], "cache_dir": cache_dir}, settings.cache_dir, settings.batch_size
     )
-    probs, targets = score(ensemble, eval_set)
+    probs, targets = score(ensemble, eval_set, settings.tta)
     record: dict[str, Any] = {"labels": list(ensemble.labels), "weights": {}}
     record["weights"][ENSEMBLE] = weights_entry(probs, targets, ensemble.labels)
     draw_differs = []
@@ -243,7 +259,7 @@ def _score(settings: EnsembleSettings, checkpoints: Mapping[str, Path], fold: in
                     f"{checkpoints[names[0]]} (other clips or targets): the runs were not cut into the same "
                     "folds (same data.root, keywords, percentages and seed); they cannot be ensembled"
                 )
-        member_probs, member_targets = score(alone, eval_set)
+        member_probs, member_targets = score(alone, eval_set, settings.tta)
         assert np.array_equal(member_targets, targets), "one eval set, one order of targets"
         record["weights"][name] = weights_entry(member_probs, targets, ensemble.labels)
     record.update(held_out_facts(eval_set))
@@ -288,6 +304,7 @@ def summarize_ensemble(
             "members": {m.name: str(m.run_dir) for m in settings.members},
             "weights": settings.weights,
             "averaging": "posteriors averaged (inference.Predictor)",
+            "tta": None if settings.tta is None else asdict(settings.tta),
         },
         "acc_ensemble": describe([row["acc_ensemble"] for row in rows]),
         "acc_members": {n: describe([row[f"acc_{n}"] for row in rows]) for n in names},
@@ -312,6 +329,12 @@ def format_ensemble_markdown(summary: Mapping[str, Any], title: str) -> str:
         f"Members ({weights} weights of each fold, posteriors averaged): "
         + ", ".join(f"{n} ({p})" for n, p in summary["ensemble"]["members"].items())
     )
+    tta = summary["ensemble"].get("tta")
+    if tta:
+        lines.append(
+            f"Every score (ensemble and members) with test-time augmentation: the clip, shifted by "
+            f"±{tta['shift_ms']:g} ms, and at gains {list(tta['gains_db'])} dB, posteriors averaged."
+        )
     lines += ["", "| fold | held-out items | ensemble | " + " | ".join(names) + " | train time (s, sum) |"]
     lines.append("|---:|---:|---:|" + "---:|" * len(names) + "---:|")
     for row in summary["folds"]:

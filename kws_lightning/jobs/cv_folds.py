@@ -26,6 +26,8 @@ CV_KEYS = (
     "score_device",
     "ensemble",
     "ensemble_weights",
+    "tta",
+    "tta_options",
 )
 # Keys cv sets for every fold itself: given by the user they would be overwritten, so they are an error.
 OWNED_KEYS = {

@@ -93,6 +93,12 @@ def check_data_root(cfg: DictConfig) -> None:
         root = cfg.data.root
     except MissingMandatoryValue:
         raise CVError(f"data.root is not set: {fix}") from None
+    for extra in cfg.data.get("extra_training_roots") or []:
+        if not Path(str(extra)).expanduser().is_dir():
+            raise CVError(
+                f"data.extra_training_roots names {extra}, which is not a folder (from {Path.cwd()}): fix "
+                "the path, write it (python -m kws_lightning.data.synthetic out=DIR), or drop it"
+            )
     if root is None:
         if cfg.data.get("synthetic") is None:
             raise CVError(f"data.root is null and the data config is not synthetic: {fix}")
@@ -124,6 +130,11 @@ def run_cv(cfg: DictConfig, task_overrides: list[str]) -> int:
         from kws_lightning.jobs.cv_ensemble import run_ensemble
 
         return run_ensemble(cfg, task_overrides)
+    if cfg.get("tta"):
+        raise CVError(
+            "tta=true applies to scoring finished runs: train the folds without it, then "
+            "`python -m kws_lightning.cv ensemble=[OUT_DIR] tta=true out_dir=OTHER_DIR` scores them with TTA"
+        )
     settings = settings_from(cfg, task_overrides)
     out_dir = settings.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
