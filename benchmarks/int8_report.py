@@ -6,7 +6,8 @@ files (`kws_lightning.export ... quantize=int8`) unless they exist.
 Prints one figure per line (``name value unit``); --name prefixes them.
 
     python benchmarks/int8_report.py --ckpt CKPT --out DIR [--name tc_resnet14] [--runs 200]
-        [--calibration-clips 400] [--data-root PATH] [--per-tensor] [--splits validation testing]
+        [--calibration-clips 400] [--data-root PATH] [--per-tensor] [--input-bits 16]
+        [--splits validation testing]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="the checkpoint's data set, if moved")
     parser.add_argument("--cache-dir", default="logs/cache")
     parser.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor")
+    parser.add_argument("--input-bits", type=int, default=16, help="bits of the network's input (8 or 16)")
     parser.add_argument(
         "--splits", nargs="+", default=["testing"], choices=["validation", "testing"], help="draws to score"
     )
@@ -63,6 +65,7 @@ def main() -> None:
             calibration_clips=args.calibration_clips,
             calibration_root=args.data_root,
             per_channel=not args.per_tensor,
+            input_bits=args.input_bits,
         )
     excluded = set(frontend_nodes(onnx.load(str(float_path))))
     checkpoint = Predictor.from_checkpoints(args.ckpt, "cpu")

@@ -262,12 +262,14 @@ def export_checkpoint(
     calibration_clips: int = 400,
     calibration_root: str | None = None,
     per_channel: bool = True,
+    input_bits: int = 16,
 ) -> dict[str, Any]:
     """Export one checkpoint; returns the path, size and verification figures. With quantize=int8 (ONNX
     only) `out` is the float model and the int8 model goes beside it as <stem>.int8.onnx
-    (kws_lightning/quantize.py); its figures are under the "int8" key."""
+    (kws_lightning/quantize.py: `per_channel` weight scales, the network's input at `input_bits`); its
+    figures are under the "int8" key."""
     from kws_lightning.inference import Predictor
-    from kws_lightning.quantize import QUANTIZE
+    from kws_lightning.quantize import INPUT_BITS, QUANTIZE
     from kws_lightning.stream_bench.settings import STORED_KEY, stored_settings
 
     if fmt not in FORMATS:
@@ -276,6 +278,8 @@ def export_checkpoint(
         raise ValueError(f"quantize={quantize!r} unknown; valid: {list(QUANTIZE)}")
     if quantize != "none" and fmt != "onnx":
         raise ValueError(f"quantize={quantize} needs format=onnx (onnxruntime's quantisation)")
+    if input_bits not in INPUT_BITS:
+        raise ValueError(f"quantize_input_bits={input_bits}: choose one of {list(INPUT_BITS)}")
     predictor = Predictor.from_checkpoints(ckpt_path, "cpu")
     module = ExportedModel(predictor.models[0], output).eval()
     metadata = {
@@ -304,7 +308,7 @@ def export_checkpoint(
 
         int8_path = path.with_name(f"{path.stem}.int8{path.suffix}")
         calibration = calibration_waves(predictor, calibration_clips, data_root=calibration_root)
-        sizes = quantize_int8(path, int8_path, calibration, per_channel)
+        sizes = quantize_int8(path, int8_path, calibration, per_channel, input_bits)
         check = verify(module, load_exported(int8_path, fmt), waves)
         result["weights"] = sizes["float"]
         result["int8"] = {"path": str(int8_path), "bytes": int8_path.stat().st_size, **check, **sizes["int8"]}
@@ -326,6 +330,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         cfg.get("calibration_clips", 400),
         cfg.get("calibration_root"),
         bool(cfg.get("quantize_per_channel", True)),
+        int(cfg.get("quantize_input_bits", 16)),
     )
     print(f"wrote {result['path']} ({result['format']}, {result['bytes'] / 1e6:.2f} MB)")
     print(

@@ -49,6 +49,45 @@ def test_int8_file_is_quantised_in_the_network_only(int8_export: dict) -> None:
     assert meta["labels"] and meta["quantization"]["calibration_clips"] == 128 and meta["data"]["_target_"]
 
 
+def zero_point_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Each QuantizeLinear's input tensor -> the data type of its zero point (INT8, INT16)."""
+    initializers = {i.name: i.data_type for i in proto.graph.initializer}
+    return {n.input[0]: initializers[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_the_network_input_is_quantised_to_input_bits(
+    bits: int, int8_export: dict, tiny_checkpoint: dict, tmp_path: Path
+) -> None:
+    from kws_lightning.quantize import network_input
+
+    if bits == 16:  # the default export
+        exported = int8_export
+    else:
+        exported = export_checkpoint(
+            str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / "m.onnx", quantize="int8",
+            calibration_clips=32, verify_clips=4, input_bits=8,
+        )  # fmt: skip
+    float_proto = onnx.load(exported["path"])
+    features = network_input(float_proto, set(frontend_nodes(float_proto)))
+    proto = onnx.load(exported["int8"]["path"])
+    types = zero_point_types(proto)
+    wanted = onnx.TensorProto.INT16 if bits == 16 else onnx.TensorProto.INT8
+    # The features (the front end's output the first layer reads) at `bits`; every other activation int8.
+    assert types.pop(features) == wanted
+    assert types and set(types.values()) == {onnx.TensorProto.INT8}
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert meta["quantization"]["network_input_bits"] == bits
+
+
+def test_other_input_bits_are_refused_before_any_work(tiny_checkpoint: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"quantize_input_bits=12: choose one of \[8, 16\]"):
+        export_checkpoint(
+            str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / "m.onnx", quantize="int8", input_bits=12
+        )
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_int8_agrees_with_the_float_model(int8_export: dict, tiny_checkpoint: dict) -> None:
     root = tiny_checkpoint["data_root"]
     testing = (root / "testing_list.txt").read_text().split()
