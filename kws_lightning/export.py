@@ -269,7 +269,7 @@ def export_checkpoint(
     (kws_lightning/quantize.py: `per_channel` weight scales, the network's input at `input_bits`); its
     figures are under the "int8" key."""
     from kws_lightning.inference import Predictor
-    from kws_lightning.quantize import INPUT_BITS, QUANTIZE
+    from kws_lightning.quantize import QUANTIZE, check_input_bits
     from kws_lightning.stream_bench.settings import STORED_KEY, stored_settings
 
     if fmt not in FORMATS:
@@ -278,8 +278,7 @@ def export_checkpoint(
         raise ValueError(f"quantize={quantize!r} unknown; valid: {list(QUANTIZE)}")
     if quantize != "none" and fmt != "onnx":
         raise ValueError(f"quantize={quantize} needs format=onnx (onnxruntime's quantisation)")
-    if input_bits not in INPUT_BITS:
-        raise ValueError(f"quantize_input_bits={input_bits}: choose one of {list(INPUT_BITS)}")
+    check_input_bits(input_bits)
     predictor = Predictor.from_checkpoints(ckpt_path, "cpu")
     module = ExportedModel(predictor.models[0], output).eval()
     metadata = {

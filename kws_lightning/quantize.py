@@ -164,6 +164,12 @@ INPUT_BITS = (8, 16)
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
 
+def check_input_bits(bits: int) -> None:
+    """`quantize_input_bits` must be one of INPUT_BITS (a ValueError naming the choices)."""
+    if bits not in INPUT_BITS:
+        raise ValueError(f"quantize_input_bits={bits}: choose one of {list(INPUT_BITS)}")
+
+
 def network_input(proto: Any, frontend: set[str]) -> str | None:
     """The tensor the network's first convolution / linear layer reads (its features), or None."""
     first = next((n for n in proto.graph.node if n.name not in frontend and n.op_type in COMPUTE_OPS), None)
@@ -181,8 +187,7 @@ def quantize_int8(
     activations, per-channel weight scales unless `per_channel` is false, the network's input at
     `input_bits`, front end float); the float file's metadata is carried over, with a `quantization`
     entry. Returns the weight sizes of both files."""
-    if input_bits not in INPUT_BITS:
-        raise ValueError(f"quantize_input_bits={input_bits}: choose one of {list(INPUT_BITS)}")
+    check_input_bits(input_bits)
     import onnx
 
     quantization = _import_quantization()
