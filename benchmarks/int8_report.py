@@ -6,13 +6,14 @@ files (`kws_lightning.export ... quantize=int8`) unless they exist.
 Prints one figure per line (``name value unit``); --name prefixes them.
 
     python benchmarks/int8_report.py --ckpt CKPT --out DIR [--name tc_resnet14] [--runs 200]
-        [--calibration-clips 400] [--data-root PATH] [--per-tensor] [--input-bits 16]
+        [--calibration-clips 400] [--data-root PATH] [--per-tensor] [--input-bits 16] [--calibration auto]
         [--splits validation testing]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor")
     parser.add_argument("--input-bits", type=int, default=16, help="bits of the network's input (8 or 16)")
     parser.add_argument(
+        "--calibration", default="auto", choices=["auto", "percentile", "minmax"], help="activation ranges"
+    )
+    parser.add_argument(
         "--splits", nargs="+", default=["testing"], choices=["validation", "testing"], help="draws to score"
     )
     args = parser.parse_args()
@@ -66,8 +70,13 @@ def main() -> None:
             calibration_root=args.data_root,
             per_channel=not args.per_tensor,
             input_bits=args.input_bits,
+            calibration=args.calibration,
         )
     excluded = set(frontend_nodes(onnx.load(str(float_path))))
+    meta = {p.key: p.value for p in onnx.load(str(int8_path)).metadata_props}
+    quantization = json.loads(meta.get("quantization", "{}"))
+    chosen, fidelity = quantization.get("calibration"), quantization.get("calibration_scores")
+    print(f"{args.name}_int8_calibration {chosen} {json.dumps(fidelity)}")
     checkpoint = Predictor.from_checkpoints(args.ckpt, "cpu")
     accuracies: dict[tuple[str, str], float] = {}
     for kind, path, predictor in (

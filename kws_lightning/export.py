@@ -263,13 +263,14 @@ def export_checkpoint(
     calibration_root: str | None = None,
     per_channel: bool = True,
     input_bits: int = 16,
+    calibration: str = "auto",
 ) -> dict[str, Any]:
     """Export one checkpoint; returns the path, size and verification figures. With quantize=int8 (ONNX
     only) `out` is the float model and the int8 model goes beside it as <stem>.int8.onnx
-    (kws_lightning/quantize.py: `per_channel` weight scales, the network's input at `input_bits`); its
-    figures are under the "int8" key."""
+    (kws_lightning/quantize.py: `per_channel` weight scales, the network's input at `input_bits`, activation
+    ranges by `calibration`); its figures are under the "int8" key."""
     from kws_lightning.inference import Predictor
-    from kws_lightning.quantize import QUANTIZE, check_input_bits
+    from kws_lightning.quantize import QUANTIZE, check_calibration, check_input_bits
     from kws_lightning.stream_bench.settings import STORED_KEY, stored_settings
 
     if fmt not in FORMATS:
@@ -279,6 +280,7 @@ def export_checkpoint(
     if quantize != "none" and fmt != "onnx":
         raise ValueError(f"quantize={quantize} needs format=onnx (onnxruntime's quantisation)")
     check_input_bits(input_bits)
+    check_calibration(calibration)
     predictor = Predictor.from_checkpoints(ckpt_path, "cpu")
     module = ExportedModel(predictor.models[0], output).eval()
     metadata = {
@@ -306,11 +308,24 @@ def export_checkpoint(
         from kws_lightning.quantize import calibration_waves, quantize_int8
 
         int8_path = path.with_name(f"{path.stem}.int8{path.suffix}")
-        calibration = calibration_waves(predictor, calibration_clips, data_root=calibration_root)
-        sizes = quantize_int8(path, int8_path, calibration, per_channel, input_bits)
+        waves = calibration_waves(predictor, calibration_clips, data_root=calibration_root)
+        validation = None
+        if calibration == "auto":  # the methods are compared on the checkpoint's validation draw
+            from kws_lightning.eval import datamodule_test_set
+
+            cache_dir = str((predictor.configs[0].get("data") or {}).get("cache_dir") or "logs/cache")
+            validation = datamodule_test_set(predictor, cache_dir, 64, 0, calibration_root, "validation")
+        sizes = quantize_int8(path, int8_path, waves, per_channel, input_bits, calibration, validation)
         check = verify(module, load_exported(int8_path, fmt), waves)
         result["weights"] = sizes["float"]
-        result["int8"] = {"path": str(int8_path), "bytes": int8_path.stat().st_size, **check, **sizes["int8"]}
+        result["int8"] = {
+            "path": str(int8_path),
+            "bytes": int8_path.stat().st_size,
+            **check,
+            **sizes["int8"],
+            "calibration": sizes["calibration"],
+            "calibration_scores": sizes["calibration_scores"],
+        }
     return result
 
 
@@ -330,6 +345,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         cfg.get("calibration_root"),
         bool(cfg.get("quantize_per_channel", True)),
         int(cfg.get("quantize_input_bits", 16)),
+        str(cfg.get("quantize_calibration", "auto")),
     )
     print(f"wrote {result['path']} ({result['format']}, {result['bytes'] / 1e6:.2f} MB)")
     print(
@@ -349,6 +365,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             f"({w['network_bytes'] / max(q['network_bytes'], 1):.2f}x smaller), "
             f"front-end constants {w['frontend_bytes']} -> {q['frontend_bytes']} bytes (kept float)"
         )
+        scores = q["calibration_scores"]
+        choices = ", ".join(f"{m} {v['kl']:.4g}" for m, v in scores.items())
+        compared = f" (KL from float on validation clips: {choices})" if choices else ""
+        print(f"activation ranges: {q['calibration']}{compared}")
         print(
             f"int8 vs PyTorch on {result['verified_on']}: max |diff| {q['max_abs_diff']:.3g}, same top-1 "
             f"predictions: {q['same_predictions']} (score accuracy with `eval model_path={q['path']}`)"

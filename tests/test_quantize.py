@@ -205,3 +205,89 @@ def test_fold_batchnorm_is_exact() -> None:
     assert [n.op_type for n in proto.graph.node] == ["Mul", "Add"]
     assert len(proto.graph.initializer) == 2  # the four BatchNorm vectors became two
     assert np.abs(run(proto) - expected).max() < 1e-5
+
+
+def test_auto_calibration_keeps_the_method_closer_to_the_float_model(
+    int8_export: dict, tiny_checkpoint: dict
+) -> None:
+    """The default (`auto`) calibrates with percentiles and with min / max, scores both against the float
+    export on the checkpoint's validation clips and keeps the lower KL; the figures are recorded and the
+    kept file reproduces them."""
+    from kws_lightning.eval import datamodule_test_set, score
+    from kws_lightning.quantize import fidelity_to
+
+    proto = onnx.load(int8_export["int8"]["path"])
+    info = json.loads({p.key: p.value for p in proto.metadata_props}["quantization"])
+    scores = info["calibration_scores"]
+    assert info["calibration_requested"] == "auto" and set(scores) == {"percentile", "minmax"}
+    assert int8_export["int8"]["calibration"] == info["calibration"]
+    kept = scores[info["calibration"]]
+    assert kept["kl"] == min(f["kl"] for f in scores.values())
+    assert scores["percentile"] != scores["minmax"]  # two different calibrations were scored
+    # The kept file, scored as `eval` scores it, against the float export: the recorded figures.
+    cache = str(tiny_checkpoint["cache_dir"])
+    draws = {}
+    for name, path in (("float", int8_export["path"]), ("int8", int8_export["int8"]["path"])):
+        predictor = Predictor.from_exported(path)
+        draws[name] = score(predictor, datamodule_test_set(predictor, cache, 64, 0, None, "validation"))
+    (reference, targets), (probs, _) = draws["float"], draws["int8"]
+    assert kept["clips"] == len(targets)
+    assert (probs.argmax(axis=1) == targets).mean() == pytest.approx(kept["accuracy"], abs=1e-9)
+    again = fidelity_to(reference.astype(np.float64), probs.astype(np.float64))
+    assert again["kl"] == pytest.approx(kept["kl"], rel=1e-4) and again["agreement"] == kept["agreement"]
+
+
+def test_pick_calibration_keeps_the_lowest_kl_first_listed_on_a_tie() -> None:
+    from kws_lightning.quantize import fidelity_to, pick_calibration
+
+    def figures(kl: float, accuracy: float) -> dict[str, float]:
+        return {"kl": kl, "accuracy": accuracy, "agreement": 0.9, "clips": 100}
+
+    # Accuracy is not the criterion (validation accuracy chose a calibration that did not carry over).
+    closer_but_less_accurate = {"percentile": figures(0.022, 0.94), "minmax": figures(0.026, 0.96)}
+    assert pick_calibration(closer_but_less_accurate) == "percentile"
+    assert pick_calibration({"percentile": figures(0.09, 0.90), "minmax": figures(0.01, 0.88)}) == "minmax"
+    assert pick_calibration({"percentile": figures(0.01, 0.9), "minmax": figures(0.01, 0.9)}) == "percentile"
+    probs = np.array([[0.2, 0.8], [0.6, 0.4]])
+    assert fidelity_to(probs, probs) == pytest.approx({"kl": 0.0, "agreement": 1.0}, abs=1e-9)
+    moved = fidelity_to(probs, probs[::-1])
+    assert moved["agreement"] == 0.0 and moved["kl"] > 0.1
+
+
+def activation_scales(proto: onnx.ModelProto) -> dict[str, float]:
+    """Each quantised activation (a QuantizeLinear's input) -> its scale."""
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in proto.graph.initializer}
+    return {
+        n.input[0]: float(numpy_helper.to_array(initializers[n.input[1]]))
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[1] in initializers
+    }
+
+
+def test_a_named_calibration_is_used_as_asked(tiny_checkpoint: dict, tmp_path: Path) -> None:
+    scales = {}
+    for method in ("percentile", "minmax"):
+        exported = export_checkpoint(
+            str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / method / "m.onnx", quantize="int8",
+            calibration_clips=64, verify_clips=4, calibration=method,
+        )  # fmt: skip
+        proto = onnx.load(exported["int8"]["path"])
+        info = json.loads({p.key: p.value for p in proto.metadata_props}["quantization"])
+        assert info["calibration"] == info["calibration_requested"] == method
+        assert info["calibration_scores"] == {}  # nothing compared
+        scales[method] = activation_scales(proto)
+    # The same activations quantised; min / max ranges are at least the percentile ones, and wider somewhere.
+    assert scales["minmax"].keys() == scales["percentile"].keys()
+    pairs = [(scales["minmax"][k], scales["percentile"][k]) for k in scales["minmax"]]
+    assert all(wide >= narrow * (1 - 1e-6) for wide, narrow in pairs)
+    assert any(wide > narrow * 1.01 for wide, narrow in pairs)
+
+
+def test_an_unknown_calibration_is_refused_before_any_work(tiny_checkpoint: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"quantize_calibration='entropy': choose one of \['auto', "):
+        export_checkpoint(
+            str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / "m.onnx", quantize="int8", calibration="entropy"
+        )
+    assert not (tmp_path / "m.onnx").exists()
