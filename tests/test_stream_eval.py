@@ -227,6 +227,59 @@ def test_stored_settings_are_checked_and_command_line_values_win(
             parse_settings(bad, "some.ckpt", labels)
 
 
+def test_a_detector_file_gives_an_ensemble_its_tuned_settings(
+    tiny_checkpoint: dict, run_cli: object, tmp_path: Path
+) -> None:
+    """An ensemble's members cannot hold settings tuned for their average: `detector_file=` reads the
+    detector.json `stream_eval tune=true` writes (checked as stored settings are) for listen / serve /
+    stream_eval; command-line values still win, and it wins over a checkpoint's stored settings."""
+    ckpt = str(tiny_checkpoint["ckpt"])
+    labels = torch.load(ckpt, weights_only=True)["hyper_parameters"]["labels"]
+    tuned = DetectorSettings(300, 0.93, 250, 2, keyword_thresholds={labels[3]: 0.97})
+    detector = tmp_path / "detector.json"
+    detector.write_text(json.dumps({**tuned.to_dict(), "tuned_on": {"split": "validation"}}))
+    nothing = {"average_window_ms": None, "detection_threshold": None, "detector_file": str(detector)}
+    settings, source = resolve_settings(nothing, [ckpt, ckpt], labels)
+    assert settings == tuned and source == f"detector file {detector}"
+    settings, _ = resolve_settings({**nothing, "average_window_ms": 900}, [ckpt, ckpt], labels)
+    assert settings.average_window_ms == 900 and settings.detection_threshold == 0.93
+    stored = store_settings(ckpt, tmp_path / "tuned.ckpt", DetectorSettings(750), {"split": "validation"})
+    assert resolve_settings(nothing, [str(stored)], labels)[0] == tuned
+
+    for content, error, why in [
+        (None, ValueError, "no such file"),
+        ("{not json", ValueError, "not JSON"),
+        ('{"loop": 1}', CheckpointError, "unknown settings"),
+    ]:
+        bad = tmp_path / "bad.json"
+        bad.unlink(missing_ok=True)
+        if content is not None:
+            bad.write_text(content)
+        with pytest.raises(error, match=why):
+            resolve_settings({**nothing, "detector_file": str(bad)}, [ckpt], labels)
+
+    testing = (tiny_checkpoint["data_root"] / "testing_list.txt").read_text().split()
+    import soundfile as sf
+
+    from kws_lightning.data.audio_io import read_audio_int16
+
+    long_wav = tmp_path / "long.wav"
+    clips = [read_audio_int16(tiny_checkpoint["data_root"] / rel) for rel in testing[:4]]
+    sf.write(long_wav, np.concatenate(clips), 16000)
+    result = run_cli(
+        "listen",
+        f"ckpt_path=[{ckpt},{ckpt}]",
+        f"input={long_wav}",
+        f"detector_file={detector}",
+        "threads=1",
+        f"hydra.run.dir={tmp_path / 'listen'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log_text = (tmp_path / "listen" / "listen.log").read_text()
+    assert f"detector file {detector}" in log_text and "'average_window_ms': 300.0" in log_text
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exported_models_carry_the_tuned_settings(tiny_checkpoint: dict, tmp_path: Path, fmt: str) -> None:
     """export copies a checkpoint's tuned settings into the file; listen/serve read them with model_path=."""

@@ -213,6 +213,9 @@ def run(cfg: DictConfig) -> dict:
     print_table(results)
     if "tuned_checkpoint" in metrics:
         print(f"tuned checkpoint (listen uses its settings): {metrics['tuned_checkpoint']}")
+    elif cfg.tune:  # an ensemble: no one checkpoint holds settings tuned for the average
+        detector = out_dir / "detector.json"
+        print(f"tuned settings for this ensemble: pass listen / serve / stream_eval detector_file={detector}")
     print(f"run dir: {out_dir}")
     log.debug("config: %s", OmegaConf.to_yaml(cfg))
     return metrics

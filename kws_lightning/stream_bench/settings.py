@@ -1,5 +1,6 @@
 """The detector's settings (RecognizeCommands' smoothing, threshold, suppression; optional per-keyword
-thresholds): TF's defaults, the tuned ones stored in a checkpoint, and what a command line overrides.
+thresholds): TF's defaults, the tuned ones stored in a checkpoint or written to a detector.json, and what a
+command line overrides.
 
 Tuned settings live in the checkpoint as ``hyper_parameters["detector"]``: a plain dict of numbers and a
 {keyword: threshold} dict, so the checkpoint still loads with ``weights_only=True``; they are checked
@@ -106,6 +107,22 @@ def exported_settings(
     return None if stored is None else parse_settings(stored, where, labels)
 
 
+def file_settings(path: str | Path, labels: Sequence[str]) -> DetectorSettings:
+    """The settings in a `detector.json` (what `stream_eval ... tune=true` writes, e.g. for an ensemble,
+    whose members' checkpoints cannot hold settings tuned for their average), checked as stored ones are."""
+    import json
+
+    where = Path(path).expanduser()
+    fix = "pass the detector.json a `python -m kws_lightning.stream_eval ... tune=true` run wrote"
+    if not where.is_file():
+        raise ValueError(f"detector_file={path}: no such file; {fix}")
+    try:
+        stored = json.loads(where.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"detector_file={path}: not JSON ({err}); {fix}") from None
+    return parse_settings(stored, str(where), labels)
+
+
 def resolve_settings(
     cfg: Mapping[str, Any],
     ckpt_paths: Sequence[str | Path],
@@ -113,13 +130,19 @@ def resolve_settings(
     export_metadata: Mapping[str, Any] | None = None,
 ) -> tuple[DetectorSettings, str]:
     """The detector settings to use and where they came from: each setting given in `cfg` (not null)
-    wins, then the tuned settings of the checkpoint (or, with `export_metadata`, of the exported model),
-    then TF's defaults. An explicit `detection_threshold` also drops stored per-keyword thresholds (the
-    user asked for one threshold)."""
-    if export_metadata is not None:
+    wins, then those of `cfg.detector_file` (a detector.json), then the tuned settings of the checkpoint
+    (or, with `export_metadata`, of the exported model), then TF's defaults. An explicit
+    `detection_threshold` also drops stored per-keyword thresholds (the user asked for one threshold)."""
+    detector_file = cfg.get("detector_file")
+    if detector_file:
+        stored = file_settings(detector_file, labels)
+        holder = f"detector file {detector_file}"
+    elif export_metadata is not None:
         stored = exported_settings(export_metadata, "the exported model's metadata", labels)
+        holder = "tuned settings stored in the exported model"
     else:
         stored = stored_settings(ckpt_paths, labels)
+        holder = "tuned settings stored in the checkpoint"
     base = stored or DetectorSettings()
     given = {name: cfg[name] for name in NUMBERS if cfg.get(name) is not None}
     if "detection_threshold" in given:
@@ -127,8 +150,7 @@ def resolve_settings(
     if cfg.get("keyword_thresholds"):
         given["keyword_thresholds"] = dict(cfg["keyword_thresholds"])
     settings = parse_settings({**base.to_dict(), **given}, "the command line", labels)
-    holder = "exported model" if export_metadata is not None else "checkpoint"
-    source = f"tuned settings stored in the {holder}" if stored is not None else "defaults"
+    source = holder if stored is not None else "defaults"
     if given:
         source += f", overridden: {sorted(given)}"
     return settings, source
