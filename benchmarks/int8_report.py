@@ -7,6 +7,7 @@ Prints one figure per line (``name value unit``); --name prefixes them.
 
     python benchmarks/int8_report.py --ckpt CKPT --out DIR [--name tc_resnet14] [--runs 200]
         [--calibration-clips 400] [--data-root PATH] [--per-tensor] [--input-bits 16] [--calibration auto]
+        [--activation-bits 8]
         [--splits validation testing]
 """
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="logs/cache")
     parser.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor")
     parser.add_argument("--input-bits", type=int, default=16, help="bits of the network's input (8 or 16)")
+    parser.add_argument("--activation-bits", type=int, default=8, help="bits of the other activations")
     parser.add_argument(
         "--calibration", default="auto", choices=["auto", "percentile", "minmax"], help="activation ranges"
     )
@@ -71,6 +73,7 @@ def main() -> None:
             per_channel=not args.per_tensor,
             input_bits=args.input_bits,
             calibration=args.calibration,
+            activation_bits=args.activation_bits,
         )
     excluded = set(frontend_nodes(onnx.load(str(float_path))))
     meta = {p.key: p.value for p in onnx.load(str(int8_path)).metadata_props}

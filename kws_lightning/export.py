@@ -264,13 +264,15 @@ def export_checkpoint(
     per_channel: bool = True,
     input_bits: int = 16,
     calibration: str = "auto",
+    activation_bits: int = 8,
 ) -> dict[str, Any]:
     """Export one checkpoint; returns the path, size and verification figures. With quantize=int8 (ONNX
     only) `out` is the float model and the int8 model goes beside it as <stem>.int8.onnx
     (kws_lightning/quantize.py: `per_channel` weight scales, the network's input at `input_bits`, activation
-    ranges by `calibration`); its figures are under the "int8" key."""
+    ranges by `calibration`, the other activations at `activation_bits`); its figures are under the "int8"
+    key."""
     from kws_lightning.inference import Predictor
-    from kws_lightning.quantize import QUANTIZE, check_calibration, check_input_bits
+    from kws_lightning.quantize import QUANTIZE, check_bits, check_calibration
     from kws_lightning.stream_bench.settings import STORED_KEY, stored_settings
 
     if fmt not in FORMATS:
@@ -279,7 +281,8 @@ def export_checkpoint(
         raise ValueError(f"quantize={quantize!r} unknown; valid: {list(QUANTIZE)}")
     if quantize != "none" and fmt != "onnx":
         raise ValueError(f"quantize={quantize} needs format=onnx (onnxruntime's quantisation)")
-    check_input_bits(input_bits)
+    check_bits("quantize_input_bits", input_bits)
+    check_bits("quantize_activation_bits", activation_bits)
     check_calibration(calibration)
     predictor = Predictor.from_checkpoints(ckpt_path, "cpu")
     module = ExportedModel(predictor.models[0], output).eval()
@@ -315,7 +318,9 @@ def export_checkpoint(
 
             cache_dir = str((predictor.configs[0].get("data") or {}).get("cache_dir") or "logs/cache")
             validation = datamodule_test_set(predictor, cache_dir, 64, 0, calibration_root, "validation")
-        sizes = quantize_int8(path, int8_path, waves, per_channel, input_bits, calibration, validation)
+        sizes = quantize_int8(
+            path, int8_path, waves, per_channel, input_bits, calibration, validation, activation_bits
+        )
         check = verify(module, load_exported(int8_path, fmt), waves)
         result["weights"] = sizes["float"]
         result["int8"] = {
@@ -346,6 +351,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         bool(cfg.get("quantize_per_channel", True)),
         int(cfg.get("quantize_input_bits", 16)),
         str(cfg.get("quantize_calibration", "auto")),
+        int(cfg.get("quantize_activation_bits", 8)),
     )
     print(f"wrote {result['path']} ({result['format']}, {result['bytes'] / 1e6:.2f} MB)")
     print(

@@ -80,6 +80,33 @@ def test_the_network_input_is_quantised_to_input_bits(
     assert meta["quantization"]["network_input_bits"] == bits
 
 
+def test_16_bit_activations_with_int8_weights(
+    int8_export: dict, tiny_checkpoint: dict, tmp_path: Path
+) -> None:
+    """activation_bits=16 (TFLite's 16x8 mode): every activation int16, conv / linear weights still int8,
+    and the model closer to the float one than with int8 activations (KL on the validation clips)."""
+    exported = export_checkpoint(
+        str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / "m.onnx", quantize="int8",
+        calibration_clips=128, verify_clips=8, activation_bits=16,
+    )  # fmt: skip
+    proto = onnx.load(exported["int8"]["path"])
+    types = zero_point_types(proto)
+    assert types and set(types.values()) == {onnx.TensorProto.INT16}
+    initializers = {i.name: i for i in proto.graph.initializer}
+    dequantised = [initializers.get(n.input[0]) for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    weights = [w for w in dequantised if w is not None and len(w.dims) > 1]
+    assert weights and {w.data_type for w in weights} == {onnx.TensorProto.INT8}
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["quantization"])
+    assert meta["activation_bits"] == 16 and meta["network_input_bits"] == 16
+    closer = exported["int8"]["calibration_scores"][exported["int8"]["calibration"]]["kl"]
+    int8 = int8_export["int8"]["calibration_scores"][int8_export["int8"]["calibration"]]["kl"]
+    assert closer < int8
+    with pytest.raises(ValueError, match=r"quantize_activation_bits=4: choose one of \[8, 16\]"):
+        export_checkpoint(
+            str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / "n.onnx", quantize="int8", activation_bits=4
+        )
+
+
 def test_other_input_bits_are_refused_before_any_work(tiny_checkpoint: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"quantize_input_bits=12: choose one of \[8, 16\]"):
         export_checkpoint(
