@@ -318,3 +318,66 @@ def test_an_unknown_calibration_is_refused_before_any_work(tiny_checkpoint: dict
             str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / "m.onnx", quantize="int8", calibration="entropy"
         )
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_zero_points_of_weights_are_dropped_losslessly(int8_export: dict, tmp_path: Path) -> None:
+    """A weight DequantizeLinear's all-zero zero point is an optional input (default 0): dropping it
+    changes no output and saves a byte per channel."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kws_lightning.quantize import drop_zero_points
+
+    rng = np.random.default_rng(0)
+    weights = rng.integers(-127, 128, size=(3, 6, 1, 1)).astype(np.int8)
+    initializers = [
+        numpy_helper.from_array(weights, "w_q"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.1, 3).astype(np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(3, np.int8), "w_zero"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
+            helper.make_node("Conv", ["x", "w"], ["y"]),
+        ],
+        "dq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+        initializers,
+    )
+    path = tmp_path / "dq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    x = rng.normal(size=(1, 6, 4, 4)).astype(np.float32)
+
+    def run() -> np.ndarray:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    before = run()
+    assert drop_zero_points(path) == 1
+    proto = onnx.load(path)
+    assert "w_zero" not in {i.name for i in proto.graph.initializer}
+    assert np.array_equal(run(), before)
+    # In a real export none is left (its weights are symmetric int8).
+    exported = onnx.load(int8_export["int8"]["path"])
+    names = {i.name for i in exported.graph.initializer}
+    weight_dqs = [n for n in exported.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in names]
+    assert weight_dqs and all(len(n.input) == 2 for n in weight_dqs)
+
+
+def test_small_channel_weights_get_one_scale_per_tensor() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kws_lightning.quantize import small_channel_weights
+
+    convs = {"tap3": (4, 1, 3, 1), "tap4": (4, 1, 1, 4), "tap9": (4, 1, 3, 3), "pointwise": (4, 8, 1, 1)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", name], [f"y_{name}"], name=f"conv_{name}") for name in convs],
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None) for name in convs],
+        [numpy_helper.from_array(np.ones(shape, np.float32), name) for name, shape in convs.items()],
+    )
+    proto = helper.make_model(graph)
+    assert small_channel_weights(proto, set()) == ["tap3", "tap4"]
+    assert small_channel_weights(proto, {"conv_tap3"}) == ["tap4"]  # the front end is not quantised
