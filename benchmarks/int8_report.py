@@ -25,7 +25,7 @@ import onnx
 from kws_lightning.eval import classification_metrics, datamodule_test_set, score
 from kws_lightning.export import export_checkpoint, load_exported
 from kws_lightning.inference import Predictor
-from kws_lightning.quantize import frontend_nodes, weight_sizes
+from kws_lightning.quantize import CALIBRATIONS, INPUT_BITS, frontend_nodes, weight_sizes
 
 
 def latency_ms(path: Path, runs: int) -> float:
@@ -51,11 +51,9 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="the checkpoint's data set, if moved")
     parser.add_argument("--cache-dir", default="logs/cache")
     parser.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor")
-    parser.add_argument("--input-bits", type=int, default=16, help="bits of the network's input (8 or 16)")
-    parser.add_argument("--activation-bits", type=int, default=8, help="bits of the other activations")
-    parser.add_argument(
-        "--calibration", default="auto", choices=["auto", "percentile", "minmax"], help="activation ranges"
-    )
+    parser.add_argument("--input-bits", type=int, default=16, choices=INPUT_BITS, help="the network's input")
+    parser.add_argument("--activation-bits", type=int, default=8, choices=INPUT_BITS, help="the others")
+    parser.add_argument("--calibration", default="auto", choices=CALIBRATIONS, help="activation ranges")
     parser.add_argument(
         "--splits", nargs="+", default=["testing"], choices=["validation", "testing"], help="draws to score"
     )
@@ -78,8 +76,8 @@ def main() -> None:
     excluded = set(frontend_nodes(onnx.load(str(float_path))))
     meta = {p.key: p.value for p in onnx.load(str(int8_path)).metadata_props}
     quantization = json.loads(meta.get("quantization", "{}"))
-    chosen, fidelity = quantization.get("calibration"), quantization.get("calibration_scores")
-    print(f"{args.name}_int8_calibration {chosen} {json.dumps(fidelity)}")
+    chosen, scores = quantization.get("calibration"), quantization.get("calibration_scores")
+    print(f"{args.name}_int8_calibration {chosen} {json.dumps(scores)}")
     checkpoint = Predictor.from_checkpoints(args.ckpt, "cpu")
     accuracies: dict[tuple[str, str], float] = {}
     for kind, path, predictor in (

@@ -272,20 +272,23 @@ def quantize_int8(
                 calibrate_method=getattr(quantization.CalibrationMethod, CALIBRATION_METHODS[method]),
                 extra_options=extra_options,
             )
-            drop_zero_points(path)
+            candidate = onnx.load(str(path))
+            drop_zero_points(candidate)
             # The float file's metadata (labels, input format, data config) makes each one scorable.
             percentile = CALIBRATION_PERCENTILE if method == "percentile" else None
-            _set_metadata(path, proto, {**info, "calibration": method, "calibration_percentile": percentile})
+            entry = {**info, "calibration": method, "calibration_percentile": percentile}
+            _set_metadata(candidate, proto, entry)
+            onnx.save(candidate, str(path))
         chosen = calibration
         if calibration == "auto":
             chosen, scores = choose_calibration(float_path, candidates, validation)
-        candidates[chosen].replace(out)
-        _set_metadata(Path(out), onnx.load(str(out)), {"calibration_scores": scores})
+        quantised = onnx.load(str(candidates[chosen]))
+        _set_metadata(quantised, quantised, {"calibration_scores": scores})
+        onnx.save(quantised, str(out))
     finally:
         for path in [*candidates.values(), Path(source)]:
             if path != Path(float_path):
                 path.unlink(missing_ok=True)
-    quantised = onnx.load(str(out))
     return {
         "float": weight_sizes(proto, set(excluded)),
         "int8": weight_sizes(quantised, set(excluded)),
@@ -315,14 +318,12 @@ def small_channel_weights(proto: Any, frontend: set[str]) -> list[str]:
     return small
 
 
-def drop_zero_points(path: Path) -> int:
-    """Remove all-zero zero points of weight DequantizeLinear nodes in the ONNX file at `path` (an
-    optional input whose default is 0: the int8 weights are symmetric), in place; returns how many.
-    Lossless: one byte per channel of every per-channel weight."""
-    import onnx
+def drop_zero_points(model: Any) -> int:
+    """Remove all-zero zero points of weight DequantizeLinear nodes of `model` (a ModelProto, in place: an
+    optional input whose default is 0, the int8 weights being symmetric); returns how many. Lossless: one
+    byte per channel of every per-channel weight."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     dropped = 0
     for node in model.graph.node:
@@ -336,23 +337,18 @@ def drop_zero_points(path: Path) -> int:
     kept = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    onnx.save(model, str(path))
     return dropped
 
 
-def _set_metadata(path: Path, source: Any, quantization: dict[str, Any]) -> None:
-    """Give the ONNX file at `path` the metadata of `source` (a ModelProto), its `quantization` entry
-    updated by `quantization` (JSON values, as the exporter writes them)."""
-    import onnx
-
-    model = onnx.load(str(path))
+def _set_metadata(model: Any, source: Any, quantization: dict[str, Any]) -> None:
+    """Give `model` (a ModelProto, in place) the metadata of `source` (another, or itself), its
+    `quantization` entry updated by `quantization` (JSON values, as the exporter writes them)."""
     meta = {p.key: p.value for p in source.metadata_props}
     merged = {**json.loads(meta.get("quantization", "{}")), **quantization}
     meta["quantization"] = json.dumps(merged)
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
 
 
 def fidelity_to(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
