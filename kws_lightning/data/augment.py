@@ -1,5 +1,6 @@
 """Batched waveform augmentation on the device: pad/crop, time shift, background-noise mix, white noise,
-silence, and training for streams (speech anywhere in the window, noise at an SNR, keyword halves as unknown).
+silence, room reverberation (kws_lightning/data/reverb.py), and training for streams (speech anywhere in the
+window, noise at an SNR, keyword halves as unknown).
 
 Everything here takes whole batches of tensors already on the training device; no per-clip Python.
 Batches arrive as int16 ``(B, L)`` left-aligned clips with their true lengths (``L`` = longest clip).
@@ -11,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from kws_lightning.data.reverb import Reverb, add_reverb
 
 INT16_SCALE = 32768.0
 
@@ -92,6 +95,7 @@ class AugmentConfig:
     silence: SilenceSynth = field(default_factory=SilenceSynth)
     stream: StreamTraining = field(default_factory=StreamTraining)
     speed: SpeedPerturb = field(default_factory=SpeedPerturb)
+    reverb: Reverb = field(default_factory=Reverb)
 
     def __post_init__(self) -> None:
         for where, part in (("noise", self.noise), ("silence", self.silence)):
@@ -139,6 +143,7 @@ class AugmentConfig:
             "silence": SilenceSynth,
             "stream": StreamTraining,
             "speed": SpeedPerturb,
+            "reverb": Reverb,
         }
         _check_keys("augment", values, [f.name for f in fields(cls)])
         kwargs = {}
@@ -429,9 +434,9 @@ def prepare_batch(
 
     Train: random pad/crop and time shift (one window copy: for clips no longer than the output the
     shift's zero fill is exact; a longer clip shows its own neighbouring audio instead), or with
-    `stream.offset_p` the speech anywhere in the window; then noise mix (a gain, or `noise.snr_db` re the
-    clip's speech), white noise and fresh silence (silence items get no white noise). Eval: centred
-    pad/crop only.
+    `stream.offset_p` the speech anywhere in the window; then reverberation, noise mix (a gain, or
+    `noise.snr_db` re the clip's speech), white noise and fresh silence (silence items get no white noise
+    and no reverberation). Eval: centred pad/crop only.
     """
     out_len = bank.slice_length
     if not train:
@@ -450,6 +455,7 @@ def prepare_batch(
         moved = (torch.rand(len(waves), device=waves.device) < stream.offset_p) & (stats.rms > 0)
         starts = torch.where(moved, speech_offset_starts(stats, out_len, stream.min_speech_kept), starts)
     x = window(waves, starts, out_len).float().div_(INT16_SCALE)
+    x = add_reverb(x, cfg.reverb)  # the room first, then the noise that is not in it
     if cfg.noise.enabled:
         if cfg.noise.snr_db is not None:
             x = mix_noise_snr(x, stats.rms, bank, cfg.noise.snr_db, cfg.noise.p)
