@@ -16,7 +16,17 @@ import torch
 from kws_lightning.checkpoints import CheckpointError
 from kws_lightning.listen import RecognizeCommands
 from kws_lightning.stream_bench.clip_det import one_vs_rest, roc_auc
-from kws_lightning.stream_bench.scoring import count, curve_of, decide, det_auc, match, miss_at, smooth
+from kws_lightning.stream_bench.scoring import (
+    count,
+    curve_of,
+    decide,
+    det_auc,
+    keyword_peaks,
+    match,
+    miss_at,
+    miss_floor,
+    smooth,
+)
 from kws_lightning.stream_bench.settings import (
     DetectorSettings,
     parse_settings,
@@ -130,6 +140,31 @@ def test_miss_rate_at_a_false_alarm_rate_and_the_det_area() -> None:
     assert miss_at(curve[curve["fa_per_hour"] > 0], 0.5)[0] == 1.0  # no threshold gets there
     # Over FA/h log-uniform in [0.1, 10] (101 points): 46 below 0.8 (miss 1), 28 in [0.8, 3) (0.4), 27 from 3.
     assert det_auc(curve) == pytest.approx((46 * 1.0 + 28 * 0.4 + 27 * 0.2) / 101)
+
+
+def test_keyword_peaks_and_the_miss_floor_by_hand() -> None:
+    times_ms = np.arange(0, 14000, 100, dtype=np.float64)
+    probs = np.full((len(times_ms), len(LABELS)), 0.02)
+    probs[:, 1] = 0.9  # unknown everywhere, except where set below
+
+    def at(t_s: float, label: str, value: float) -> None:
+        probs[int(round(t_s * 10)), LABELS.index(label)] = value
+
+    at(1.6, "yes", 0.95)  # first "yes" (1.0-1.5): peak 0.95
+    at(2.4, "yes", 0.99)  # 0.15 s after the 0.75 s hit span: never averaged into it
+    at(3.6, "no", 0.99)  # "no" (4.0-4.4): 0.4 s before its start, outside a 300 ms average
+    at(3.8, "no", 0.7)  # 0.2 s before: inside a 300 ms average -> its peak 0.7
+    at(8.2, "yes", 0.55)  # second "yes": 0.55
+    at(12.1, "go", 0.99)  # the wrong keyword during "up": "up" peaks at the background 0.02
+    peaks = keyword_peaks(times_ms, probs, TRUTH, LABELS, average_window_ms=300)
+    np.testing.assert_allclose(peaks, [0.95, 0.7, 0.55, 0.02])  # yes, no, yes, up ("dog" is unknown)
+    assert miss_floor(peaks, [0.5, 0.6, 0.9, 0.95]) == {"0.5": 0.25, "0.6": 0.5, "0.9": 0.75, "0.95": 1.0}
+    # The floor is a floor: at any threshold no detection rule hits more than the peaks allow.
+    for threshold in (0.5, 0.6, 0.9):
+        smoothed = smooth(times_ms, probs, 300, 1)
+        matched = match(decide(smoothed, LABELS, threshold, 0), TRUTH)
+        hits = int((matched["hit"] >= 0).sum())
+        assert hits <= int((peaks > threshold).sum())
 
 
 # ---- stream building ------------------------------------------------------------------------------------
@@ -409,6 +444,11 @@ def test_stream_eval_end_to_end_then_tune_and_listen_uses_the_tuned_settings(
         det = pd.DataFrame(metrics["results"][f"{snr:g} dB"]["det"])
         assert det["false_alarms"].is_monotonic_decreasing  # a higher threshold never adds false alarms
         assert det["threshold"].max() == 1.0 and det["false_alarms"].iloc[-1] == 0
+        floor = metrics["results"][f"{snr:g} dB"]["miss_floor"]
+        assert set(floor) == {"0.5", "0.9"}  # the detector's own 0.2 is below 0.5: not a floor there
+        for threshold, share in floor.items():  # no threshold of the sweep misses fewer than its floor
+            at_threshold = det.loc[np.isclose(det["threshold"], float(threshold)), "miss_rate"]
+            assert at_threshold.iloc[0] >= share - 1e-9
     everything = metrics["results"]["all"]["at_settings"]
     assert [everything["positives"], everything["hits"], everything["false_alarms"]] == total
     # Keywords were placed, and the detector said something (the tiny model, ~0.3 accuracy on clean clips,

@@ -244,3 +244,39 @@ def operating_point(counts: Counts, threshold: float | None = None) -> dict:
         for k, name in enumerate(counts.keywords)
     }
     return out
+
+
+FLOOR_THRESHOLDS = (0.5, 0.9)  # the miss floor is reported at these thresholds and at the detector's own
+
+
+def keyword_peaks(
+    times_ms: np.ndarray,
+    probs: np.ndarray,
+    truth: pd.DataFrame,
+    labels: Sequence[str],
+    average_window_ms: float,
+    tolerance_s: float = TOLERANCE_S,
+) -> np.ndarray:
+    """Per keyword in `truth` (rows whose word is a label other than silence / unknown, in order): the
+    highest posterior the network gives its class in any window that a smoothed score inside the hit span
+    can average (window ends from `average_window_ms` before the speech start to `tolerance_s` after its
+    end). An average never exceeds its largest term, so no detector with that smoothing and a threshold at
+    or above this peak can hit the keyword."""
+    times_s = np.asarray(times_ms, np.float64) / 1000.0
+    index = {name: i for i, name in enumerate(labels) if name not in (SILENCE, UNKNOWN)}
+    peaks = []
+    for word, start, end in zip(truth["word"], truth["start"], truth["end"], strict=True):
+        if word not in index:
+            continue
+        inside = (times_s >= start - average_window_ms / 1000.0) & (times_s <= end + tolerance_s + 1e-9)
+        peaks.append(float(np.max(probs[inside, index[word]])) if inside.any() else 0.0)
+    return np.asarray(peaks, np.float64)
+
+
+def miss_floor(peaks: np.ndarray, thresholds: Sequence[float]) -> dict[str, float | None]:
+    """Share of keywords whose peak (`keyword_peaks`) is at or below each threshold (>= 0.5, where a
+    score above it is the top class): misses no detector setting at that threshold can avoid, false alarms
+    or not. What separates the floor from the miss rate at 1 FA/h is the detector's (and the false alarms')
+    share; the floor itself is the network's."""
+    peaks = np.asarray(peaks, np.float64)
+    return {f"{t:g}": (round(float((peaks <= t).mean()), 4) if len(peaks) else None) for t in thresholds}
