@@ -75,6 +75,7 @@ BENCHES: tuple[Bench, ...] = (
         "export", "export_latency.py", ("--model", "tc_resnet14", "--runs", "50", "--threads", "{threads}")
     ),
     Bench("wave_cache", "wave_cache_verify.py", ("--repeats", "1", "--threads", "2")),
+    Bench("augment", "augment_cost.py", ("--recipe", "best", "--threads", "{threads}")),
 )
 SCALE_BENCHES: tuple[Bench, ...] = (
     Bench("scale", "scale_epoch.py", ("--clips", "65000", "--threads", "{threads}")),

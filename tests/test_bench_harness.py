@@ -105,3 +105,22 @@ def test_every_registered_model_has_a_recipe_config() -> None:
         )
         assert int(cfg.data.batch_size) > 0
     assert bench_common.compose_recipe("best").model.width_multiplier == 1.5
+
+
+def test_augment_cost_prints_every_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(TABLE)
+    quick = run_all.Bench(
+        "augment",
+        "augment_cost.py",
+        ("--recipe", "tc_resnet14", "--batch", "8", "--steps", "1", "--rounds", "1"),
+    )
+    assert run_all.run([quick], readme) == 0
+    printed = {f.name: float(f.value) for f in run_all.parse_figures(capsys.readouterr().out, "")}
+    options = ("recipe", "speed", "reverb_p05", "reverb_p1", "stream")
+    assert {f"augment_ms_{o}" for o in options} | {"augment_train_step_ms_tc_resnet14"} <= set(printed)
+    assert all(printed[f"augment_ms_{o}"] > 0 for o in options)
+    share = printed["augment_step_share_reverb_p1"]
+    assert share == pytest.approx(
+        printed["augment_ms_reverb_p1"] / printed["augment_train_step_ms_tc_resnet14"], rel=0.05
+    )
