@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from kws_lightning.data.reverb import Reverb, add_reverb
+from kws_lightning.data.reverb import add_reverb
 
 INT16_SCALE = 32768.0
 
@@ -71,6 +71,18 @@ class SpeedPerturb:
 
 
 @dataclass
+class Reverb:
+    """Room reverberation (kws_lightning/data/reverb.py): with probability `p` per clip, convolve with a
+    synthetic impulse response of RT60 U[rt60_s] seconds and DRR U[drr_db] dB. Small rooms and offices have
+    RT60 0.2-0.8 s; a speaker 0.5-2 m from a laptop or phone microphone gives a DRR of about 0-15 dB (lower
+    is more reverberant)."""
+
+    p: float = 0.0
+    rt60_s: list[float] = field(default_factory=lambda: [0.2, 0.8])
+    drr_db: list[float] = field(default_factory=lambda: [0.0, 15.0])
+
+
+@dataclass
 class StreamTraining:
     """Training for streams (issue 14): a detector slides a 1 s window over speech, so words arrive at any
     offset and cut by the window's edges. `offset_p`: per clip, place its speech (the frames within
@@ -98,14 +110,20 @@ class AugmentConfig:
     reverb: Reverb = field(default_factory=Reverb)
 
     def __post_init__(self) -> None:
-        for where, part in (("noise", self.noise), ("silence", self.silence)):
+        for part, where in ((self.noise, "noise"), (self.silence, "silence")):
             if part.snr_db is not None:
-                part.snr_db = [float(v) for v in part.snr_db]  # a Hydra ListConfig -> plain floats
-                if len(part.snr_db) != 2 or not part.snr_db[0] <= part.snr_db[1]:
-                    raise ValueError(
-                        f"augment.{where}.snr_db must be [lo, hi] with lo <= hi (dB), got {part.snr_db}"
-                    )
-        for where, value in (("silence.snr_p", self.silence.snr_p), ("speed.p", self.speed.p)):
+                part.snr_db = _low_high(f"{where}.snr_db", part.snr_db, "dB")
+        reverb = self.reverb
+        reverb.rt60_s = _low_high("reverb.rt60_s", reverb.rt60_s, "s")
+        reverb.drr_db = _low_high("reverb.drr_db", reverb.drr_db, "dB")
+        if reverb.rt60_s[0] <= 0:
+            raise ValueError(f"augment.reverb.rt60_s must be positive seconds [lo, hi], got {reverb.rt60_s}")
+        probabilities = (
+            ("silence.snr_p", self.silence.snr_p),
+            ("speed.p", self.speed.p),
+            ("reverb.p", reverb.p),
+        )
+        for where, value in probabilities:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"augment.{where} must be a probability in [0, 1], got {value}")
         speed = self.speed
@@ -155,6 +173,14 @@ class AugmentConfig:
             else:
                 kwargs[key] = value
         return cls(**kwargs)
+
+
+def _low_high(where: str, values: list[float], unit: str) -> list[float]:
+    """A drawn range [lo, hi] as plain floats (from a Hydra ListConfig), or an error naming the key."""
+    values = [float(v) for v in values]
+    if len(values) != 2 or not values[0] <= values[1]:
+        raise ValueError(f"augment.{where} must be [lo, hi] with lo <= hi ({unit}), got {values}")
+    return values
 
 
 def _check_keys(where: str, values: Mapping, valid: list[str]) -> None:
@@ -455,7 +481,8 @@ def prepare_batch(
         moved = (torch.rand(len(waves), device=waves.device) < stream.offset_p) & (stats.rms > 0)
         starts = torch.where(moved, speech_offset_starts(stats, out_len, stream.min_speech_kept), starts)
     x = window(waves, starts, out_len).float().div_(INT16_SCALE)
-    x = add_reverb(x, cfg.reverb)  # the room first, then the noise that is not in it
+    # The room first, then the noise that is not in it.
+    x = add_reverb(x, cfg.reverb.p, cfg.reverb.rt60_s, cfg.reverb.drr_db)
     if cfg.noise.enabled:
         if cfg.noise.snr_db is not None:
             x = mix_noise_snr(x, stats.rms, bank, cfg.noise.snr_db, cfg.noise.p)

@@ -13,39 +13,12 @@ Applied per batch on the training device by one FFT convolution: no per-clip Pyt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from scipy.fft import next_fast_len
 
 SAMPLE_RATE = 16000
 DECAY_DB = 60.0  # RT60: the time the tail's energy takes to fall by 60 dB
-
-
-@dataclass
-class Reverb:
-    """With probability `p` per clip: convolve with a synthetic impulse response of RT60 U[rt60_s] seconds
-    and DRR U[drr_db] dB. Small rooms and offices have RT60 0.2-0.8 s; a speaker 0.5-2 m from a laptop or
-    phone microphone gives a DRR of about 0-15 dB (lower is more reverberant)."""
-
-    p: float = 0.0
-    rt60_s: list[float] = field(default_factory=lambda: [0.2, 0.8])
-    drr_db: list[float] = field(default_factory=lambda: [0.0, 15.0])
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"augment.reverb.p must be a probability in [0, 1], got {self.p}")
-        self.rt60_s = _range("rt60_s", self.rt60_s)
-        self.drr_db = _range("drr_db", self.drr_db)
-        if self.rt60_s[0] <= 0:
-            raise ValueError(f"augment.reverb.rt60_s must be positive seconds [lo, hi], got {self.rt60_s}")
-
-
-def _range(name: str, values: list[float]) -> list[float]:
-    values = [float(v) for v in values]  # a Hydra ListConfig -> plain floats
-    if len(values) != 2 or not values[0] <= values[1]:
-        raise ValueError(f"augment.reverb.{name} must be [lo, hi] with lo <= hi, got {values}")
-    return values
 
 
 def impulse_responses(
@@ -64,20 +37,26 @@ def impulse_responses(
     return torch.cat([direct, tail], dim=1)
 
 
-def add_reverb(x: torch.Tensor, cfg: Reverb, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Float clips (B, L) in [-1, 1]: the chosen rows reverberated (causal convolution truncated to L, so
-    speech keeps its place), each scaled to its own input energy, clipped to [-1, 1]; the rest untouched.
-    Draws no random numbers when `p` is 0."""
-    if cfg.p <= 0 or len(x) == 0:
+def add_reverb(
+    x: torch.Tensor,
+    p: float,
+    rt60_s: tuple[float, float],
+    drr_db: tuple[float, float],
+    sample_rate: int = SAMPLE_RATE,
+) -> torch.Tensor:
+    """Float clips (B, L) in [-1, 1]: with probability p per row, reverberated with RT60 U[rt60_s] seconds and
+    DRR U[drr_db] dB (causal convolution truncated to L, so speech keeps its place), each scaled to its own
+    input energy, clipped to [-1, 1]; the other rows untouched. Draws no random numbers when `p` is 0."""
+    if p <= 0 or len(x) == 0:
         return x
     batch, width = x.shape
-    chosen = torch.rand(batch, device=x.device) < cfg.p
+    chosen = torch.rand(batch, device=x.device) < p
     if not chosen.any():
         return x
     rows = chosen.nonzero().squeeze(1)
-    lo, hi = cfg.rt60_s
+    lo, hi = rt60_s
     rt60 = torch.rand(len(rows), device=x.device) * (hi - lo) + lo
-    drr = torch.rand(len(rows), device=x.device) * (cfg.drr_db[1] - cfg.drr_db[0]) + cfg.drr_db[0]
+    drr = torch.rand(len(rows), device=x.device) * (drr_db[1] - drr_db[0]) + drr_db[0]
     # The tail is cut where it has fallen 60 dB (or at the clip's end): nothing audible is lost.
     length = min(width, max(2, math.ceil(hi * sample_rate)))
     responses = impulse_responses(rt60, drr, length, sample_rate)
