@@ -80,26 +80,39 @@ def recipe_model(model: str, num_classes: int = 12) -> tuple[torch.nn.Module, Di
     return build_kws_model(cfg.feature, cfg.model, num_classes), cfg
 
 
+# Lightning's precision names -> the autocast dtype of the forward pass (None: plain float32).
+AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
 def training_step_fn(
-    cfg: DictConfig, model: torch.nn.Module
+    cfg: DictConfig, model: torch.nn.Module, precision: str = "32-true"
 ) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """One optimiser step of the recipe, as KWSLightningModule.training_step runs it: front end ->
-    SpecAugment (if the recipe has it) -> network -> the recipe's loss -> backward -> optimiser step."""
+    SpecAugment (if the recipe has it) -> network -> the recipe's loss -> backward -> optimiser step, on
+    the model's device. `precision` as Lightning's: the forward under autocast, and for 16-mixed a
+    gradient scaler (the front end itself always computes in float32)."""
     from hydra.utils import instantiate
 
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision {precision!r}: one of {sorted(AUTOCAST_DTYPES)}")
     model.train()
+    device = next(model.parameters()).device
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     criterion = instantiate(cfg.loss) if cfg.get("loss") else torch.nn.CrossEntropyLoss()
     spec_augment = instantiate(cfg.spec_augment) if cfg.get("spec_augment") else None
+    dtype = AUTOCAST_DTYPES[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def step(waves: torch.Tensor, targets: torch.Tensor) -> float:
-        features = model.frontend(waves)
-        if spec_augment is not None:
-            features = spec_augment(features)
-        loss = criterion(model.net(features), targets)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            features = model.frontend(waves)
+            if spec_augment is not None:
+                features = spec_augment(features)
+            loss = criterion(model.net(features), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return float(loss.detach())
 
     return step
