@@ -612,6 +612,16 @@ def test_bc_resnet_and_best_recipes() -> None:
     assert full.optimizer.lr == 0.1 and full.scheduler.warmup_fraction == 0.025
 
 
+def test_best_balanced_swa_averages_with_swa_instead_of_the_ema() -> None:
+    cfg = recipe("best_balanced_swa")
+    assert cfg.data.balance_keywords is True and cfg.model.width_multiplier == 1.5
+    assert cfg.callbacks.get("ema") is None  # SWA and EMA would both replace the weights
+    assert cfg.callbacks.swa._target_.endswith("StochasticWeightAveraging")
+    assert cfg.callbacks.swa.swa_lrs == 0.02 and cfg.callbacks.swa.swa_epoch_start == 0.75
+    assert cfg.trainer.max_epochs == 100 and cfg.trainer.max_steps == -1  # SWA needs epochs
+    assert cfg.test_weights == "last"  # the average, not an earlier best-validation checkpoint
+
+
 @pytest.mark.parametrize("name", ["matchboxnet_v1_full", "matchboxnet_v2_full"])
 def test_matchboxnet_full_recipes_follow_nemo(name: str) -> None:
     """NeMo's examples/asr/conf/matchboxnet/matchboxnet_3x1x64_v1.yaml (and _v2), key by key."""
