@@ -5,10 +5,10 @@
 
 Each network runs its recipe (bench_common.RECIPES: front end, batch size, SpecAugment, loss, optimiser)
 on a batch of random 1 s waves: front end + network forward, backward, optimiser step. The input path is
-left out (benchmarks/train_data_share.py measures its share). One warm-up step, then steps until
-`--seconds` have passed (at least two); each step ends by reading the loss, which waits for the GPU.
-Prints ``train_samples_per_s_<model> value samples/s`` on the CPU and
-``train_samples_per_s_<model>_cuda_<precision> value samples/s`` on a GPU (precision as Lightning's
+left out (benchmarks/train_data_share.py measures its share). One warm-up step (three on a GPU), then
+steps until `--seconds` have passed (at least two); each step ends by reading the loss, which waits for
+the GPU. Prints ``train_samples_per_s_<model> value samples/s`` (CPU, 32-true) and otherwise
+``train_samples_per_s_<model>_<device>_<precision> value samples/s`` (precision as Lightning's
 `trainer.precision`: 32-true, bf16-mixed, 16-mixed).
 """
 
