@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_eval import run_dir_of
 from test_interrupts import QUIET, interrupt_at, run_train, weights
 from training_helpers import check_ok
 
@@ -96,8 +97,7 @@ def test_every_augmentation_runs_on_the_gpu_and_evaluation_windows_match_the_cpu
 
 
 def _metrics(stdout: str) -> dict:
-    run_dir = Path(re.search(r"^run dir: (.+)$", stdout, re.M).group(1).strip())
-    return json.loads((run_dir / "metrics.json").read_text())
+    return json.loads((run_dir_of(stdout) / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])

@@ -118,10 +118,14 @@ class AugmentConfig:
         reverb.drr_db = _low_high("reverb.drr_db", reverb.drr_db, "dB")
         if reverb.rt60_s[0] <= 0:
             raise ValueError(f"augment.reverb.rt60_s must be positive seconds [lo, hi], got {reverb.rt60_s}")
+        stream, white = self.stream, self.white_noise
         probabilities = (
             ("silence.snr_p", self.silence.snr_p),
             ("speed.p", self.speed.p),
             ("reverb.p", reverb.p),
+            ("stream.offset_p", stream.offset_p),
+            ("stream.half_keyword_unknown", stream.half_keyword_unknown),
+            ("white_noise.p", white.p),
         )
         for where, value in probabilities:
             if not 0.0 <= value <= 1.0:
@@ -132,23 +136,14 @@ class AugmentConfig:
                 "augment.speed: need 0 < min_factor <= max_factor, got "
                 f"{speed.min_factor} and {speed.max_factor}"
             )
-        stream = self.stream
-        for name in ("offset_p", "half_keyword_unknown"):
-            if not 0.0 <= getattr(stream, name) <= 1.0:
-                raise ValueError(
-                    f"augment.stream.{name} must be a probability in [0, 1], got {getattr(stream, name)}"
-                )
         if not 0.0 < stream.min_speech_kept <= 1.0:
             raise ValueError(
                 f"augment.stream.min_speech_kept must be in (0, 1], got {stream.min_speech_kept}"
             )
-        white = self.white_noise
         if not white.min_db <= white.max_db:
             raise ValueError(
                 f"augment.white_noise.min_db ({white.min_db}) must not exceed max_db ({white.max_db})"
             )
-        if not 0.0 <= white.p <= 1.0:
-            raise ValueError(f"augment.white_noise.p must be a probability in [0, 1], got {white.p}")
 
     @classmethod
     def from_mapping(cls, values: Mapping | None) -> AugmentConfig:
