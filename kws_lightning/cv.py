@@ -12,6 +12,9 @@ last.ckpt. The work is in `kws_lightning/jobs/cv_*.py`.
 
 `python -m kws_lightning.cv ensemble=[RUN_DIR,...] out_dir=DIR [ensemble_weights=best]` scores an ensemble
 of finished cv runs fold by fold instead (posteriors averaged; nothing trained; `jobs/cv_ensemble.py`).
+
+`python -m kws_lightning.cv compare=[RUN_A,RUN_B] out_dir=DIR` pairs two finished cv runs (or ensembles) fold
+by fold: B - A with its 95 % interval, folds higher, pooled and per-class differences (`jobs/cv_compare.py`).
 """
 
 from __future__ import annotations

@@ -212,3 +212,25 @@ def test_runs_cut_into_other_folds_are_refused(runs, run_cli, tmp_path):
     )
     assert result.returncode == 2 and f"error: {three} has 3 folds" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_compare_pairs_a_run_with_an_ensemble_fold_by_fold(runs, run_cli, tmp_path):
+    """`cv compare=[A,B]` reads two summaries; its B - A per fold is what the ensemble scored on its own
+    (ensemble - member over the same clips), from the command line."""
+    ens = run_in_process([runs["one"], runs["two"]], tmp_path / "ens", runs["cache_dir"])
+    out_dir = tmp_path / "cmp"
+    stdout = check_ok(
+        run_cli(
+            "cv", f"compare=[{runs['one']},{tmp_path / 'ens'}]", f"out_dir={out_dir}", cwd=tmp_path, env=ENV
+        )
+    )
+    result = json.loads((out_dir / "cv_compare.json").read_text())
+    assert result["a"]["figure"] == "last weights" and result["b"]["figure"] == "ensemble"
+    assert [row["fold"] for row in result["folds"]] == list(range(K))
+    for row, ens_row in zip(result["folds"], ens["folds"], strict=True):
+        assert row["b_minus_a"] == pytest.approx(ens_row["ensemble_minus_one"], abs=1e-12)
+    assert result["b_minus_a"]["mean"] == pytest.approx(ens["ensemble_minus_member"]["one"]["mean"])
+    assert result["b_minus_a"]["std"] == pytest.approx(ens["ensemble_minus_member"]["one"]["std"])
+    assert "paired difference B - A" in stdout and "ens - one:" in stdout
+    # Its own file names: the compared runs' summaries in out_dir are not overwritten.
+    assert not (out_dir / "cv_summary.json").exists() and (out_dir / "cv_compare_folds.csv").is_file()

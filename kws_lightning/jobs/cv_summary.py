@@ -214,16 +214,18 @@ def write_summary(
     title: str = "Cross-validation",
     columns: Sequence[str] = FOLD_COLUMNS,
     formatter: Callable[[Mapping[str, Any], str], str] = format_markdown,
+    stem: str = "cv_summary",
 ) -> str:
     """cv_summary.json, cv_folds.csv (`columns` of the summary's fold rows) and cv_summary.md (`formatter`)
-    in `out_dir`; returns the Markdown."""
-    _write(out_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-    tmp = out_dir / f".cv_folds.csv.tmp-{os.getpid()}"
+    in `out_dir` (with another `stem`: STEM.json, STEM_folds.csv, STEM.md); returns the Markdown."""
+    folds_name = "cv_folds.csv" if stem == "cv_summary" else f"{stem}_folds.csv"
+    _write(out_dir / f"{stem}.json", json.dumps(summary, indent=2) + "\n")
+    tmp = out_dir / f".{folds_name}.tmp-{os.getpid()}"
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(summary["folds"])
-    os.replace(tmp, out_dir / "cv_folds.csv")
+    os.replace(tmp, out_dir / folds_name)
     markdown = formatter(summary, title)
-    _write(out_dir / "cv_summary.md", markdown)
+    _write(out_dir / f"{stem}.md", markdown)
     return markdown
