@@ -20,7 +20,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kws_lightning.jobs.cv_folds import CVError
-from kws_lightning.jobs.cv_summary import describe, fig, over_folds_header, stat_line, write_summary
+from kws_lightning.jobs.cv_summary import (
+    describe,
+    fig,
+    over_folds_header,
+    stat_line,
+    table_lines,
+    write_summary,
+)
 
 SUMMARY_FILE = "cv_summary.json"
 WEIGHT_CHOICES = ("last", "best")
@@ -182,12 +189,14 @@ def format_compare_markdown(result: Mapping[str, Any], title: str) -> str:
     a, b = result["a"], result["b"]
     lines = [f"# {title}", "", f"A = {a['name']} ({a['figure']}; {a['summary']})"]
     lines += [f"B = {b['name']} ({b['figure']}; {b['summary']})", ""]
-    lines += ["| fold | held-out items | speakers | A | B | B - A |", "|---:|---:|---:|---:|---:|---:|"]
-    for row in result["folds"]:
-        lines.append(
-            f"| {row['fold']} | {row['held_out_items']} | {row['held_out_speakers']} | {fig(row['acc_a'])} | "
-            f"{fig(row['acc_b'])} | {row['b_minus_a']:+.4f} |"
-        )
+    lines += table_lines(
+        ["fold", "held-out items", "speakers", "A", "B", "B - A"],
+        (
+            [str(row["fold"]), str(row["held_out_items"]), str(row["held_out_speakers"])]
+            + [fig(row["acc_a"]), fig(row["acc_b"]), f"{row['b_minus_a']:+.4f}"]
+            for row in result["folds"]
+        ),
+    )
     lines += over_folds_header(result["confidence"]) + [
         stat_line("A, held-out acc", result["acc_a"]),
         stat_line("B, held-out acc", result["acc_b"]),
@@ -203,10 +212,11 @@ def format_compare_markdown(result: Mapping[str, Any], title: str) -> str:
     ]
     if result["per_class_recall_mean"]:
         lines += ["", "Per-class recall, mean over each run's folds:", ""]
-        lines += ["| class | A | B | B - A |", "|---|---:|---:|---:|"]
-        for label, entry in result["per_class_recall_mean"].items():
-            delta = "-" if entry["b_minus_a"] is None else f"{entry['b_minus_a']:+.4f}"
-            lines.append(f"| {label} | {fig(entry['a'])} | {fig(entry['b'])} | {delta} |")
+        rows = (
+            [label, fig(e["a"]), fig(e["b"]), "-" if e["b_minus_a"] is None else f"{e['b_minus_a']:+.4f}"]
+            for label, e in result["per_class_recall_mean"].items()
+        )
+        lines += table_lines(["class", "A", "B", "B - A"], rows, label_column=True)
     for fold, why in result["folds_left_out"].items():
         lines.append(f"- fold {fold} left out: {why}")
     return "\n".join(lines) + "\n"

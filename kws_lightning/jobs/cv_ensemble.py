@@ -42,6 +42,7 @@ from kws_lightning.jobs.cv_summary import (
     pooled_accuracy,
     stat_line,
     summary_head,
+    table_lines,
     write_summary,
 )
 from kws_lightning.utils.job_result import FILENAME, OK
@@ -335,14 +336,15 @@ def format_ensemble_markdown(summary: Mapping[str, Any], title: str) -> str:
             f"Every score (ensemble and members) with test-time augmentation: the clip, shifted by "
             f"±{tta['shift_ms']:g} ms, and at gains {list(tta['gains_db'])} dB, posteriors averaged."
         )
-    lines += ["", "| fold | held-out items | ensemble | " + " | ".join(names) + " | train time (s, sum) |"]
-    lines.append("|---:|---:|---:|" + "---:|" * len(names) + "---:|")
-    for row in summary["folds"]:
-        members = " | ".join(f"{row[f'acc_{n}']:.4f}" for n in names)
-        time = "-" if row["train_time_s"] is None else f"{row['train_time_s']:.0f}"
-        lines.append(
-            f"| {row['fold']} | {row['held_out_items']} | {row['acc_ensemble']:.4f} | {members} | {time} |"
-        )
+    lines += [""] + table_lines(
+        ["fold", "held-out items", "ensemble", *names, "train time (s, sum)"],
+        (
+            [str(row["fold"]), str(row["held_out_items"]), f"{row['acc_ensemble']:.4f}"]
+            + [f"{row[f'acc_{n}']:.4f}" for n in names]
+            + ["-" if row["train_time_s"] is None else f"{row['train_time_s']:.0f}"]
+            for row in summary["folds"]
+        ),
+    )
     lines += over_folds_header(summary["confidence"]) + [
         stat_line("held-out acc, ensemble", summary["acc_ensemble"])
     ]

@@ -10,7 +10,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,15 @@ def fig(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def table_lines(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], label_column: bool = False
+) -> list[str]:
+    """A Markdown table of figures: right-aligned columns (the first left-aligned with `label_column`)."""
+    align = ["---" if label_column and i == 0 else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
 def over_folds_header(confidence: float) -> list[str]:
     """The lines that open a summary's table of figures over folds."""
     return [
@@ -151,18 +160,17 @@ def stat_line(name: str, stats: Mapping[str, Any], signed: bool = False) -> str:
 
 def format_markdown(summary: Mapping[str, Any], title: str = "Cross-validation") -> str:
     lines = [f"# {title}", ""]
-    lines += [
-        "| fold | held-out items | speakers | val acc (best) | held-out acc, best ckpt "
-        "| held-out acc, last | last - best |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in summary["folds"]:
-        lines.append(
-            f"| {row['fold']} | {row['held_out_items']} | {row['held_out_speakers']} | "
-            f"{fig(row['val_acc_best'])} | {fig(row['acc_best_ckpt'])} | "
-            f"{fig(row['acc_last'])} | "
-            f"{row['last_minus_best']:+.4f} |"
-        )
+    headers = ["fold", "held-out items", "speakers", "val acc (best)", "held-out acc, best ckpt"]
+    headers += ["held-out acc, last", "last - best"]
+    lines += table_lines(
+        headers,
+        (
+            [str(row["fold"]), str(row["held_out_items"]), str(row["held_out_speakers"])]
+            + [fig(row["val_acc_best"]), fig(row["acc_best_ckpt"]), fig(row["acc_last"])]
+            + [f"{row['last_minus_best']:+.4f}"]
+            for row in summary["folds"]
+        ),
+    )
     lines += over_folds_header(summary["confidence"]) + [
         stat_line("held-out acc, best-validation checkpoint", summary["acc_best_ckpt"]),
         stat_line("held-out acc, final weights (last.ckpt)", summary["acc_last"]),
@@ -185,12 +193,9 @@ def per_class_lines(per_class: Mapping[str, Mapping[str, Any]], columns: Mapping
     """The per-class recall table (`columns`: weights name -> header), after a blank line; none if empty."""
     if not per_class:
         return []
-    lines = ["", "Per-class accuracy (recall), mean over folds:", ""]
-    lines.append("| class | " + " | ".join(columns.values()) + " |")
-    lines.append("|---|" + "---:|" * len(columns))
-    for label, entry in per_class.items():
-        lines.append(f"| {label} | " + " | ".join(fig(entry[name]) for name in columns) + " |")
-    return lines
+    rows = ([label, *(fig(entry[name]) for name in columns)] for label, entry in per_class.items())
+    header = ["", "Per-class accuracy (recall), mean over folds:", ""]
+    return header + table_lines(["class", *columns.values()], rows, label_column=True)
 
 
 def missing_lines(summary: Mapping[str, Any]) -> list[str]:
