@@ -22,12 +22,15 @@ CV_KEYS = (
     "threads",
     "out_dir",
     "aggregate_only",
+    "folds",
     "score_batch_size",
     "score_device",
     "ensemble",
     "ensemble_weights",
     "tta",
     "tta_options",
+    "compare",
+    "compare_weights",
 )
 # Keys cv sets for every fold itself: given by the user they would be overwritten, so they are an error.
 OWNED_KEYS = {

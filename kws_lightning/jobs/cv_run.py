@@ -42,6 +42,7 @@ class CVSettings:
     threads: int
     out_dir: Path
     aggregate_only: bool
+    folds: list[int]  # the folds this run trains (all k unless `folds=` says)
     train_overrides: list[str]
     cache_dir: str
     score_batch_size: int
@@ -68,6 +69,7 @@ def settings_from(cfg: DictConfig, task_overrides: list[str]) -> CVSettings:
         raise CVError(
             f"jobs={cfg.jobs}: folds trained at a time must be an integer >= 1 (or null: cores // threads)"
         )
+    folds = chosen_folds(cfg.get("folds"), k)
     train_overrides = split_overrides(task_overrides)
     aggregate_only = bool(cfg.aggregate_only)
     if not aggregate_only:
@@ -79,11 +81,26 @@ def settings_from(cfg: DictConfig, task_overrides: list[str]) -> CVSettings:
         threads=threads,
         out_dir=Path(str(cfg.out_dir)).expanduser().resolve(),
         aggregate_only=aggregate_only,
+        folds=folds,
         train_overrides=train_overrides,
         cache_dir=str(cfg.paths.cache_dir),
         score_batch_size=int(cfg.score_batch_size),
         score_device=str(cfg.score_device),
     )
+
+
+def chosen_folds(given: Any, k: int) -> list[int]:
+    """`folds=`: null -> every fold; else distinct integers in 0..k-1, sorted."""
+    if given is None:
+        return list(range(k))
+    values = list(given) if OmegaConf.is_list(given) or isinstance(given, (list, tuple)) else [given]
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < k]
+    if bad or not values or len(set(values)) != len(values):
+        raise CVError(
+            f"folds={given}: give distinct fold numbers from 0 to {k - 1} (k={k}), e.g. folds=[0,1], "
+            "or leave it out to train every fold"
+        )
+    return sorted(values)
 
 
 def check_data_root(cfg: DictConfig) -> None:
@@ -123,7 +140,8 @@ def check_train_config(cfg: DictConfig, k: int) -> None:
 
 
 def run_cv(cfg: DictConfig, task_overrides: list[str]) -> int:
-    """Train what is missing, score, summarise. 0: every fold in the summary; 1: some missing; 128 + signal
+    """Train what is missing, score, summarise. 0: every fold asked for (`folds`, default all) in the
+    summary; 1: some missing; 128 + signal
     when stopped by SIGINT/SIGTERM (run the same command again to resume). With `ensemble=[RUN,...]`: score
     that ensemble of finished cv runs instead (`cv_ensemble.py`), training nothing. With `compare=[A,B]`:
     the paired comparison of two finished cv runs (`cv_compare.py`), reading their summaries only."""
@@ -188,6 +206,9 @@ def _train(settings: CVSettings, states: list[FoldState], failed: dict[int, str]
 
     jobs = []
     for state in states:
+        if state.fold not in settings.folds and state.state != DONE:
+            print(f"fold {state.fold}: not in folds={settings.folds}: left for another run")
+            continue
         if state.state == BUSY:
             print(f"fold {state.fold}: left alone, {state.detail}; run cv again when it has finished")
             continue
@@ -222,7 +243,10 @@ def aggregate(settings: CVSettings, states: list[FoldState], failed: dict[int, s
     missing: dict[int, str] = {}
     for state in states:
         if state.state != DONE or state.result is None or state.result.status != OK:
-            missing[state.fold] = failed.get(state.fold) or f"not finished: {state.detail}"
+            asked = state.fold in settings.folds
+            missing[state.fold] = failed.get(state.fold) or (
+                f"not finished: {state.detail}" if asked else f"not trained: not in folds={settings.folds}"
+            )
             continue
         try:
             record = score_fold(
@@ -256,4 +280,4 @@ def aggregate(settings: CVSettings, states: list[FoldState], failed: dict[int, s
     )
     print(markdown)
     print(f"written: {settings.out_dir}/cv_summary.json, cv_folds.csv, cv_summary.md")
-    return 0 if not missing else 1
+    return 0 if not any(fold in missing for fold in settings.folds) else 1
