@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import stats
 
-from kws_lightning.jobs.cv_compare import compare, load_side, run_compare, verdict
+from kws_lightning.jobs.cv_compare import compare, format_compare_markdown, load_side, run_compare, verdict
 from kws_lightning.jobs.cv_folds import CVError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -87,6 +87,9 @@ def test_runs_on_other_folds_are_refused_and_a_missing_fold_is_named(tmp_path):
     result = compare(load_side(SWA, "last"), load_side(four, "last"))
     assert [row["fold"] for row in result["folds"]] == [0, 1, 2, 4]
     assert result["folds_left_out"] == {"3": "not scored in four"}
+    # Per-class means over five folds and over four are not paired: left out, and the report says so.
+    assert result["per_class_recall_mean"] == {}
+    assert "Per-class recall: not compared" in format_compare_markdown(result, "t")
 
 
 def test_the_command_line_names_what_is_wrong(run_cli, tmp_path):

@@ -146,8 +146,11 @@ def compare(a: Side, b: Side) -> dict[str, Any]:
     items = sum(row["held_out_items"] for row in rows)
     pooled_a = sum(row["correct_a"] for row in rows) / items
     pooled_b = sum(row["correct_b"] for row in rows) / items
-    per_class = {}
-    for label in a.per_class:
+    # The summaries hold per-class means over each run's own folds: comparable only when both scored the
+    # same folds, else left out rather than shown unpaired.
+    per_class: dict[str, dict[str, float | None]] = {}
+    same_folds = set(a.rows) == set(b.rows) == set(common)
+    for label in a.per_class if same_folds else []:
         ra, rb = a.per_class.get(label), b.per_class.get(label)
         per_class[label] = {"a": ra, "b": rb, "b_minus_a": None if ra is None or rb is None else rb - ra}
     return {
@@ -210,7 +213,9 @@ def format_compare_markdown(result: Mapping[str, Any], title: str) -> str:
         "",
         verdict(result),
     ]
-    if result["per_class_recall_mean"]:
+    if not result["per_class_recall_mean"]:
+        lines += ["", "Per-class recall: not compared (the runs scored different folds)."]
+    else:
         lines += ["", "Per-class recall, mean over each run's folds:", ""]
         rows = (
             [label, fig(e["a"]), fig(e["b"]), "-" if e["b_minus_a"] is None else f"{e['b_minus_a']:+.4f}"]
