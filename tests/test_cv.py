@@ -315,7 +315,18 @@ def test_summary_lists_folds_that_cannot_be_scored_or_did_not_finish(tmp_path):
 
     fake_fold(tmp_path, 0, "ok")  # job_result ok, but no best-*.ckpt beside last.ckpt
     fake_fold(tmp_path, 2, "interrupted")
-    settings = CVSettings(3, 1, 1, tmp_path, True, [], str(tmp_path / "cache"), 64, "cpu")
+    settings = CVSettings(
+        k=3,
+        jobs=1,
+        threads=1,
+        out_dir=tmp_path,
+        aggregate_only=True,
+        folds=[0, 1, 2],
+        train_overrides=[],
+        cache_dir=str(tmp_path / "cache"),
+        score_batch_size=64,
+        score_device="cpu",
+    )
     states = [fold_state(tmp_path, fold) for fold in range(3)]
     assert aggregate(settings, states, {}) == 1
     summary = json.loads((tmp_path / "cv_summary.json").read_text())
