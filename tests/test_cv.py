@@ -394,23 +394,22 @@ def test_folds_trains_only_the_folds_asked_for_and_a_later_run_completes(
     synthetic_overrides, run_cli, tmp_path
 ):
     out_dir = tmp_path / "cv"
-    args = [*synthetic_overrides, *TINY, "k=3", "jobs=2", f"out_dir={out_dir}"]
+    args = [*synthetic_overrides, *TINY, "k=2", "jobs=1", f"out_dir={out_dir}"]
     env = {"OMP_NUM_THREADS": "1"}
     first = check_ok(run_cli("cv", *args, "folds=[1]", cwd=tmp_path, env=env, timeout=240))
     summary = json.loads((out_dir / "cv_summary.json").read_text())
     assert summary["folds_scored"] == [1]
-    assert summary["folds_missing"] == {str(f): "not trained: not in folds=[1]" for f in (0, 2)}
+    assert summary["folds_missing"] == {"0": "not trained: not in folds=[1]"}
     assert "fold 0: not in folds=[1]: left for another run" in first and "fold 1: started" in first
-    assert not (out_dir / "fold_0").exists() and not (out_dir / "fold_2").exists()
-    # The same command without folds= trains the other two and keeps fold 1 as it was.
+    assert not (out_dir / "fold_0").exists()
+    # The same command without folds= trains the other one and keeps fold 1 as it was.
     second = check_ok(run_cli("cv", *args, cwd=tmp_path, env=env, timeout=240))
-    assert "fold 1: skipped, already trained" in second
-    assert "fold 0: started" in second and "fold 2: started" in second
+    assert "fold 1: skipped, already trained" in second and "fold 0: started" in second
     full = json.loads((out_dir / "cv_summary.json").read_text())
-    assert full["folds_scored"] == [0, 1, 2] and full["folds_missing"] == {}
+    assert full["folds_scored"] == [0, 1] and full["folds_missing"] == {}
     assert full["folds"][1] == summary["folds"][0]
-    bad = run_cli("cv", *args, "folds=[1,3]", cwd=tmp_path, env=env)
-    assert bad.returncode == 2 and "folds=[1, 3]: give distinct fold numbers from 0 to 2 (k=3)" in bad.stderr
+    bad = run_cli("cv", *args, "folds=[1,2]", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "folds=[1, 2]: give distinct fold numbers from 0 to 1 (k=2)" in bad.stderr
 
 
 def test_cv_cli_refuses_bad_commands(run_cli, tmp_path):
