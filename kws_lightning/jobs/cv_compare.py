@@ -6,8 +6,8 @@ as `experiments/cv_*/`). The runs must hold the same folds: same k, and every fo
 same number of items and speakers (different data roots, k or fold seeds are refused, since their
 differences would be meaningless). The figure is the paired difference B - A of held-out accuracy per
 fold, with its mean, std, 95 % t interval and how many folds went up; a fold scored on one side only is
-left out and named. Also the difference of the accuracy pooled over all compared items and of each class's
-mean recall. Reads summaries only: nothing is trained or scored."""
+left out and named. Also the difference of the accuracy pooled over all compared items and, when both runs
+scored the same folds, of each class's mean recall. Reads summaries only: nothing is trained or scored."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from omegaconf import DictConfig
 
 from kws_lightning.jobs.cv_folds import CVError
 from kws_lightning.jobs.cv_summary import (
+    CONFIDENCE,
     describe,
     fig,
     over_folds_header,
+    pooled_accuracy,
     stat_line,
     table_lines,
     write_summary,
@@ -143,9 +145,7 @@ def compare(a: Side, b: Side) -> dict[str, Any]:
             }
         )
     diffs = [row["b_minus_a"] for row in rows]
-    items = sum(row["held_out_items"] for row in rows)
-    pooled_a = sum(row["correct_a"] for row in rows) / items
-    pooled_b = sum(row["correct_b"] for row in rows) / items
+    pooled = pooled_accuracy(rows, {"a": "correct_a", "b": "correct_b"})
     # The summaries hold per-class means over each run's own folds: comparable only when both scored the
     # same folds, else left out rather than shown unpaired.
     per_class: dict[str, dict[str, float | None]] = {}
@@ -155,7 +155,7 @@ def compare(a: Side, b: Side) -> dict[str, Any]:
         per_class[label] = {"a": ra, "b": rb, "b_minus_a": None if ra is None or rb is None else rb - ra}
     return {
         "k": a.k,
-        "confidence": 0.95,
+        "confidence": CONFIDENCE,
         "a": {"name": a.name, "summary": str(a.path), "figure": a.figure},
         "b": {"name": b.name, "summary": str(b.path), "figure": b.figure},
         "folds_compared": common,
@@ -166,7 +166,7 @@ def compare(a: Side, b: Side) -> dict[str, Any]:
         "folds_b_higher": sum(d > 0 for d in diffs),
         "folds_equal": sum(d == 0 for d in diffs),
         "folds_b_lower": sum(d < 0 for d in diffs),
-        "pooled": {"items": items, "a": pooled_a, "b": pooled_b, "b_minus_a": pooled_b - pooled_a},
+        "pooled": {**pooled, "b_minus_a": pooled["b"] - pooled["a"]},
         "per_class_recall_mean": per_class,
         "folds": rows,
     }
