@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import librosa
@@ -40,6 +41,9 @@ from kws_lightning.feature_norm import NORMALIZE_MODES, FeatureNorm, NormalizeMo
 # refuses a typo before anything runs.
 PadMode = Literal["constant", "reflect"]
 PAD_MODES: tuple[str, ...] = get_args(PadMode)
+# Training-only hook: (filter bank (M, F), batch size, sample_rate) -> one bank per clip (B, M, F), e.g. a
+# frequency warp (kws_lightning/vtlp.py). None everywhere else.
+FilterBankWarp = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 __all__ = [
     "MFCC",
@@ -215,28 +219,31 @@ class MelPowerSpectrogram(nn.Module):
         re, im = _rdft_direct(frames, self.n_fft // 2 + 1)
         return (re.square() + im.square()).transpose(1, 2)
 
-    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+    def forward(self, waves: torch.Tensor, bank_warp: FilterBankWarp | None = None) -> torch.Tensor:
         _check_waves(waves, type(self).__name__, self.min_samples)
         window = _exact(self.window, self._window64)
         with _no_autocast(waves.device):
             if self.matmul_dft:
                 power = self._power_matmul(waves.to(window.dtype), window)
-                mel = torch.matmul(_exact(self.mel_basis, self._mel_basis64), power)
-                return mel.transpose(1, 2)
-            spec = torch.stft(
-                waves.to(window.dtype),
-                n_fft=self.n_fft,
-                hop_length=self.hop_length,
-                win_length=self.n_fft,
-                window=window,
-                center=True,
-                pad_mode=self.pad_mode,
-                return_complex=True,
-            )  # (B, n_fft // 2 + 1, T)
-            # re^2 + im^2 rather than abs()**2: smooth at 0, so no NaN gradient from |0|. Added in place into
-            # the first square (same values bit for bit, one (B, F, T) buffer less: 1.35x faster on the CPU).
-            power = spec.real.square().add_(spec.imag.square())
-            mel = torch.matmul(_exact(self.mel_basis, self._mel_basis64), power)
+            else:
+                spec = torch.stft(
+                    waves.to(window.dtype),
+                    n_fft=self.n_fft,
+                    hop_length=self.hop_length,
+                    win_length=self.n_fft,
+                    window=window,
+                    center=True,
+                    pad_mode=self.pad_mode,
+                    return_complex=True,
+                )  # (B, n_fft // 2 + 1, T)
+                # re^2 + im^2 rather than abs()**2: smooth at 0, so no NaN gradient from |0|. Added in place
+                # into the first square (same values bit for bit, one (B, F, T) buffer less: 1.35x faster on
+                # the CPU).
+                power = spec.real.square().add_(spec.imag.square())
+            basis = _exact(self.mel_basis, self._mel_basis64)
+            if bank_warp is not None:
+                basis = bank_warp(basis, waves.shape[0], self.sample_rate)
+            mel = torch.matmul(basis, power)
             return mel.transpose(1, 2)  # (B, T, n_mels)
 
     def extra_repr(self) -> str:
@@ -285,9 +292,10 @@ class MFCC(nn.Module):
     def extra_repr(self) -> str:
         return f"n_mfcc={self._dct64.shape[0]}"
 
-    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+    def forward(self, waves: torch.Tensor, bank_warp: FilterBankWarp | None = None) -> torch.Tensor:
+        """`bank_warp`: training-only (kws_lightning/vtlp.py), applied to the mel filter bank."""
         _check_waves(waves, type(self).__name__, self.mel.min_samples)
-        mel = self.mel(waves)
+        mel = self.mel(waves, bank_warp)
         with _no_autocast(waves.device):
             return self.window_features(self.frame_features(mel))
 
@@ -343,9 +351,10 @@ class LogMel(nn.Module):
     def extra_repr(self) -> str:
         return f"amin={self.amin}, top_db={self.top_db}"
 
-    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+    def forward(self, waves: torch.Tensor, bank_warp: FilterBankWarp | None = None) -> torch.Tensor:
+        """`bank_warp`: training-only (kws_lightning/vtlp.py), applied to the mel filter bank."""
         _check_waves(waves, type(self).__name__, self.mel.min_samples)
-        mel = self.mel(waves)
+        mel = self.mel(waves, bank_warp)
         with _no_autocast(waves.device):
             return self.window_features(self.frame_features(mel))
 

@@ -2,8 +2,9 @@
 
 Training-only recipe knobs live in their own files and are handed in ready-made: `SpecAugment`
 (kws_lightning/spec_augment.py, between the front end and the network), `Mixup` (kws_lightning/mixup.py,
-on the waves and targets), the training loss (conf/loss/, e.g. label smoothing), distillation `Teachers`
-(kws_lightning/distill.py). Weight averaging (EMA, SWA) are callbacks.
+on the waves and targets), `VTLP` (kws_lightning/vtlp.py, inside the front end), the training loss
+(conf/loss/, e.g. label smoothing), distillation `Teachers` (kws_lightning/distill.py). Weight averaging
+(EMA, SWA) are callbacks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kws_lightning.distill import Teachers
+from kws_lightning.features import MelPowerSpectrogram
 from kws_lightning.mixup import Mixup
+from kws_lightning.vtlp import VTLP
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -43,7 +46,8 @@ class KWSLightningModule(pl.LightningModule):
     Training only: `loss` (default plain cross-entropy; e.g. ``nn.CrossEntropyLoss(label_smoothing=0.1)``),
     `spec_augment` (a module on the features, applied as frontend -> spec_augment -> net, so the model,
     its checkpoints and exports never contain it; needs the model's `frontend` and `net`) and `mixup`
-    (training accuracy is then measured against each mixed clip's dominant label); `teachers` add the
+    (training accuracy is then measured against each mixed clip's dominant label); `vtlp` warps the
+    front end's filter bank along frequency (needs a mel front end: MFCC, log-mel); `teachers` add the
     distillation term to the training loss (kws_lightning/distill.py). Validation and test
     always report the plain cross-entropy of the unaugmented model, comparable across recipes.
     """
@@ -61,11 +65,12 @@ class KWSLightningModule(pl.LightningModule):
         spec_augment: nn.Module | None = None,
         mixup: Mixup | None = None,
         teachers: Teachers | None = None,
+        vtlp: VTLP | None = None,
     ) -> None:
         super().__init__()
         # The modules and factories are rebuilt from `config`; saving them would pickle code objects.
         self.save_hyperparameters(
-            ignore=["model", "optimizer", "scheduler", "loss", "spec_augment", "mixup", "teachers"]
+            ignore=["model", "optimizer", "scheduler", "loss", "spec_augment", "mixup", "teachers", "vtlp"]
         )
         # Plain containers only: checkpoints are opened with weights_only=True (kws_lightning.checkpoints).
         self.hparams["labels"] = [str(label) for label in labels]
@@ -77,12 +82,21 @@ class KWSLightningModule(pl.LightningModule):
         self.train_criterion = loss if loss is not None else nn.CrossEntropyLoss()
         self.spec_augment = spec_augment
         self.mixup = mixup
+        self.vtlp = vtlp
         # A plain attribute, not a submodule: checkpoints, EMA / SWA copies and exports hold the student only.
         self.teachers = teachers
         if spec_augment is not None and not (hasattr(model, "frontend") and hasattr(model, "net")):
             raise ValueError(
                 "spec_augment needs a model with `frontend` and `net` (a KWSModel) to mask the features "
                 f"between them; got {type(model).__name__}"
+            )
+        if vtlp is not None and not isinstance(
+            getattr(getattr(model, "frontend", None), "mel", None), MelPowerSpectrogram
+        ):
+            frontend = type(getattr(model, "frontend", model)).__name__
+            raise ValueError(
+                f"vtlp warps a mel front end's power spectrum (feature=mfcc or feature=logmel); this model's "
+                f"front end is {frontend}: drop vtlp (vtlp=none) or change the feature"
             )
 
         num_classes = len(labels)
@@ -121,7 +135,8 @@ class KWSLightningModule(pl.LightningModule):
         frontend, net = getattr(self.model, "frontend", None), getattr(self.model, "net", None)
         if frontend is None or net is None:
             return self(waves), None
-        features = frontend(waves)  # = self.model(waves) when SpecAugment is off (KWSModel.forward)
+        # = self.model(waves) when SpecAugment and VTLP are off (KWSModel.forward)
+        features = frontend(waves) if self.vtlp is None else frontend(waves, bank_warp=self.vtlp)
         return net(features if self.spec_augment is None else self.spec_augment(features)), features
 
     def training_step(

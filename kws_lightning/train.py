@@ -40,6 +40,7 @@ HPARAM_GROUPS = (
     "augment",
     "spec_augment",
     "mixup",
+    "vtlp",
     "loss",
     "model",
     "optimizer",
@@ -96,7 +97,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         record["data"]["extra_training_roots"] = list(datamodule.hparams.extra_training_roots)
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    # Training-only knobs; an empty group choice (spec_augment=none, mixup=none) switches one off.
+    # Training-only knobs; an empty group choice (spec_augment=none, mixup=none, vtlp=none) switches one off.
     module = KWSLightningModule(
         model=model,
         labels=datamodule.labels,
@@ -108,6 +109,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         spec_augment=instantiate(cfg.spec_augment) if cfg.get("spec_augment") else None,
         mixup=instantiate(cfg.mixup) if cfg.get("mixup") else None,
+        vtlp=instantiate(cfg.vtlp) if cfg.get("vtlp") else None,
         # Reloaded from the config on every run (a resumed one too), never from a checkpoint.
         teachers=load_teachers(to_plain(cfg.get("distill")), datamodule),
     )

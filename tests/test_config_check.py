@@ -47,7 +47,7 @@ RECIPES = [f"experiment={name}" for name in _choices("experiment")]
 SEARCHES = [f"hparams_search={name}" for name in _choices("hparams_search")]
 GROUP_CHOICES = [
     f"{group}={name}"
-    for group in ("data", "feature", "augment", "spec_augment", "mixup", "loss", "model", "optimizer")
+    for group in ("data", "feature", "augment", "spec_augment", "mixup", "vtlp", "loss", "model", "optimizer")
     + ("scheduler", "trainer", "logger")
     for name in _choices(group)
 ] + ["callbacks=[default,ema]", "callbacks=[default,swa]"]

@@ -570,7 +570,7 @@ def test_every_experiment_composes_and_builds(name: str, tmp_path: Path) -> None
     if cfg.scheduler:
         kwargs = {"total_steps": 1000} if cfg.scheduler.get("total_steps", 0) is None else {}
         instantiate(cfg.scheduler)(optimizer=optimizer, **kwargs)
-    for group in ("loss", "spec_augment", "mixup"):
+    for group in ("loss", "spec_augment", "mixup", "vtlp"):
         if cfg.get(group):
             instantiate(cfg[group])
     instantiate_named(cfg.callbacks, "callbacks")
