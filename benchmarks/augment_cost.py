@@ -5,7 +5,9 @@ step of the recipe it would be added to: what a lever costs before any accuracy 
 
 A batch of random int16 clips of 0.6-1 s (`--batch`, 0: the recipe's batch size) goes through
 `prepare_batch` with the recipe's own augmentation, then with one option added at a time: speed
-perturbation (p 1), room reverberation (p 0.5 and 1), the stream-training options of `best_stream`. The
+perturbation (p 1), room reverberation (p 0.5 and 1), the stream-training options of `best_stream`.
+Vocal tract length perturbation (kws_lightning/vtlp.py) acts in the front end instead: the recipe's front
+end is timed plain and with `vtlp=default`'s warp (frontend_ms_plain, frontend_ms_vtlp). The
 recipe's training step (front end, SpecAugment, network, loss, backward, optimiser step; bench_common)
 on the same batch is timed in the same rounds. Each figure is the median block of `--rounds` (a shared
 machine slows every block alike). Prints augment_ms_<option> (milliseconds per batch) and
@@ -24,6 +26,8 @@ from bench_common import compose_recipe, figure, recipe_model, set_threads, trai
 from omegaconf import OmegaConf
 
 from kws_lightning.data.augment import AugmentConfig, NoiseBank, prepare_batch
+from kws_lightning.features import MelPowerSpectrogram
+from kws_lightning.vtlp import VTLP
 
 SAMPLE_RATE = 16000
 
@@ -94,6 +98,15 @@ def main() -> None:
         )
         figure(f"augment_ms_{name}", ms, "ms")
         figure(f"augment_step_share_{name}", ms / step_ms, "x")
+    frontend, vtlp = model.frontend, VTLP()  # conf/vtlp/default.yaml's settings
+    if not isinstance(getattr(frontend, "mel", None), MelPowerSpectrogram):
+        print(f"{type(frontend).__name__} has no mel filter bank: no VTLP figures")
+        return
+    with torch.no_grad():
+        for name, warp in (("plain", None), ("vtlp", vtlp)):
+            frontend(x, bank_warp=warp)  # warm-up
+            ms = median_block_ms(lambda warp=warp: frontend(x, bank_warp=warp), args.steps, args.rounds)
+            figure(f"frontend_ms_{name}", ms, "ms")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ def test_augment_cost_prints_every_option(tmp_path: Path, capsys: pytest.Capture
     options = ("recipe", "speed", "reverb_p05", "reverb_p1", "stream")
     assert {f"augment_ms_{o}" for o in options} | {"augment_train_step_ms_tc_resnet14"} <= set(printed)
     assert all(printed[f"augment_ms_{o}"] > 0 for o in options)
+    assert printed["frontend_ms_plain"] > 0 and printed["frontend_ms_vtlp"] > 0
     share = printed["augment_step_share_reverb_p1"]
     assert share == pytest.approx(
         printed["augment_ms_reverb_p1"] / printed["augment_train_step_ms_tc_resnet14"], rel=0.05
