@@ -26,7 +26,7 @@ from bench_common import compose_recipe, figure, recipe_model, set_threads, trai
 from omegaconf import OmegaConf
 
 from kws_lightning.data.augment import AugmentConfig, NoiseBank, prepare_batch
-from kws_lightning.features import MelPowerSpectrogram
+from kws_lightning.features import takes_bank_warp
 from kws_lightning.vtlp import VTLP
 
 SAMPLE_RATE = 16000
@@ -99,7 +99,7 @@ def main() -> None:
         figure(f"augment_ms_{name}", ms, "ms")
         figure(f"augment_step_share_{name}", ms / step_ms, "x")
     frontend, vtlp = model.frontend, VTLP()  # conf/vtlp/default.yaml's settings
-    if not isinstance(getattr(frontend, "mel", None), MelPowerSpectrogram):
+    if not takes_bank_warp(frontend):
         print(f"{type(frontend).__name__} has no mel filter bank: no VTLP figures")
         return
     with torch.no_grad():

@@ -54,6 +54,7 @@ __all__ = [
     "MelPowerSpectrogram",
     "export_friendly",
     "output_shape",
+    "takes_bank_warp",
 ]
 
 
@@ -481,6 +482,12 @@ class LogSpectrogram(nn.Module):
 
 
 @torch.no_grad()
+def takes_bank_warp(frontend: object) -> bool:
+    """Whether `frontend` computes a mel filter bank that a `bank_warp` (kws_lightning/vtlp.py) can warp:
+    MFCC and LogMel do; LogSpectrogram (no filter bank) does not."""
+    return isinstance(getattr(frontend, "mel", None), MelPowerSpectrogram)
+
+
 def output_shape(frontend: nn.Module, num_samples: int = 16000) -> tuple[int, int, int]:
     """(1, T, F) that ``frontend`` produces for one clip of ``num_samples`` samples (runs it on zeros)."""
     buffer = next(iter(frontend.buffers()), None)

@@ -24,7 +24,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kws_lightning.distill import Teachers
-from kws_lightning.features import MelPowerSpectrogram
+from kws_lightning.features import takes_bank_warp
 from kws_lightning.mixup import Mixup
 from kws_lightning.vtlp import VTLP
 
@@ -90,9 +90,7 @@ class KWSLightningModule(pl.LightningModule):
                 "spec_augment needs a model with `frontend` and `net` (a KWSModel) to mask the features "
                 f"between them; got {type(model).__name__}"
             )
-        if vtlp is not None and not isinstance(
-            getattr(getattr(model, "frontend", None), "mel", None), MelPowerSpectrogram
-        ):
+        if vtlp is not None and not takes_bank_warp(getattr(model, "frontend", None)):
             frontend = type(getattr(model, "frontend", model)).__name__
             raise ValueError(
                 f"vtlp warps a mel front end's power spectrum (feature=mfcc or feature=logmel); this model's "

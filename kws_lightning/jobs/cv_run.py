@@ -142,9 +142,9 @@ def check_train_config(cfg: DictConfig, k: int) -> None:
 def run_cv(cfg: DictConfig, task_overrides: list[str]) -> int:
     """Train what is missing, score, summarise. 0: every fold asked for (`folds`, default all) in the
     summary; 1: some missing; 128 + signal when stopped by SIGINT/SIGTERM (run the same command again to
-    resume). With `ensemble=[RUN,...]`: score
-    that ensemble of finished cv runs instead (`cv_ensemble.py`), training nothing. With `compare=[A,B]`:
-    the paired comparison of two finished cv runs (`cv_compare.py`), reading their summaries only."""
+    resume). With `ensemble=[RUN,...]`: score that ensemble of finished cv runs instead (`cv_ensemble.py`),
+    training nothing. With `compare=[A,B]`: the paired comparison of two finished cv runs
+    (`cv_compare.py`), reading their summaries only."""
     if cfg.get("compare"):
         from kws_lightning.jobs.cv_compare import run_compare
 
