@@ -481,13 +481,13 @@ class LogSpectrogram(nn.Module):
             return self.norm(torch.log(power * one_sided + self.eps).unsqueeze(1))
 
 
-@torch.no_grad()
 def takes_bank_warp(frontend: object) -> bool:
     """Whether `frontend` computes a mel filter bank that a `bank_warp` (kws_lightning/vtlp.py) can warp:
     MFCC and LogMel do; LogSpectrogram (no filter bank) does not."""
     return isinstance(getattr(frontend, "mel", None), MelPowerSpectrogram)
 
 
+@torch.no_grad()
 def output_shape(frontend: nn.Module, num_samples: int = 16000) -> tuple[int, int, int]:
     """(1, T, F) that ``frontend`` produces for one clip of ``num_samples`` samples (runs it on zeros)."""
     buffer = next(iter(frontend.buffers()), None)
