@@ -334,23 +334,45 @@ def test_server_ignoring_range_restarts_cleanly(
     assert any("ignored the Range request" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink_etc", "hardlink_out"])
+HOSTILE = [
+    "dotdot",
+    "absolute",
+    "symlink_etc",
+    "hardlink_out",
+    "symlink_inside",
+    "hardlink_inside",
+    "fifo",
+    "under_a_file",
+    "folder_on_a_file",
+]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
 def test_hostile_archives_are_refused_and_nothing_is_written_outside(
     kind: str, server: ArchiveServer, tmp_path: Path
 ) -> None:
+    """Speech Commands archives hold only files and folders: any link is refused, even one that stays
+    inside (a link is how the symlink-chain attack below gets out)."""
     outside = tmp_path / "outside"
     outside.mkdir()
-    members = {
-        "dotdot": tarfile.TarInfo("./yes/../../../outside/escape.txt"),
-        "absolute": tarfile.TarInfo(str(outside / "absolute.txt")),
-        "symlink_etc": tarfile.TarInfo("./yes/etc"),
-        "hardlink_out": tarfile.TarInfo("./yes/passwd"),
+    name = {
+        "dotdot": "./yes/../../../outside/escape.txt",
+        "absolute": str(outside / "absolute.txt"),
+        "under_a_file": "./yes/00000000_nohash_0.wav/x",
+        "folder_on_a_file": "./yes/00000000_nohash_0.wav",
     }
-    evil = members[kind]
-    if kind == "symlink_etc":
-        evil.type, evil.linkname = tarfile.SYMTYPE, "/etc"
-    if kind == "hardlink_out":
-        evil.type, evil.linkname = tarfile.LNKTYPE, "../../etc/passwd"
+    evil = tarfile.TarInfo(name.get(kind, f"./yes/{kind}"))
+    if kind == "folder_on_a_file":
+        evil.type = tarfile.DIRTYPE
+    links = {
+        "symlink_etc": (tarfile.SYMTYPE, "/etc"),
+        "hardlink_out": (tarfile.LNKTYPE, "../../etc/passwd"),
+        "symlink_inside": (tarfile.SYMTYPE, "00000000_nohash_0.wav"),
+        "hardlink_inside": (tarfile.LNKTYPE, "./yes/00000000_nohash_0.wav"),
+        "fifo": (tarfile.FIFOTYPE, ""),
+    }
+    if kind in links:
+        evil.type, evil.linkname = links[kind]
     tree = official_test_tree(tmp_path / "tree")
     data = tar_gz(tree, tmp_path / "evil.tar.gz", evil)
     url = serve(server, data, "evil.tar.gz")
@@ -358,10 +380,134 @@ def test_hostile_archives_are_refused_and_nothing_is_written_outside(
     with pytest.raises(UnsafeArchiveError) as caught:
         ensure_dataset(spec_for(url, sha256_bytes(data)), root, progress=False)
     print(f"\n{kind}: {caught.value}")
-    assert "refused, nothing was unpacked" in str(caught.value)
+    assert "refused, nothing was unpacked" in str(caught.value) and repr(evil.name) in str(caught.value)
+    assert "\n" not in str(caught.value)
     assert list(outside.iterdir()) == []
     assert not root.exists() and looks_complete(tmp_path / "work") == []
     assert [p.name for p in (tmp_path / "work").iterdir()] == []  # no download or temporary folder left
+
+
+def escaped(outside: Path) -> list[str]:
+    return sorted(p.name for p in outside.iterdir())
+
+
+def symlink_chain_archive(out: Path, unpack_depth: int, target: Path) -> bytes:
+    """CVE-2025-4517's archive, which gets past tarfile's filter="data" on Python < 3.11.13 / 3.12.11:
+    16 folders of 247 'd's, each reached through a one-letter link, make a link path whose resolved form
+    is longer than PATH_MAX, where os.path.realpath stops resolving. `a/b/.../p/<254 l's>` leads back
+    to the unpacking folder (16 '..'); `escape` climbs `unpack_depth` levels from there to '/' and on to
+    `target`; then `escape/PWNED` is a plain file."""
+    long_name, steps, path = "d" * 247, "abcdefghijklmnop", ""
+    with tarfile.open(out, "w:gz") as tar:
+
+        def add(name: str, kind: bytes, linkname: str = "", data: bytes = b"") -> None:
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname, member.size = kind, linkname, len(data)
+            member.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            tar.addfile(member, io.BytesIO(data) if data else None)
+
+        for step in steps:
+            add(f"{path}{long_name}", tarfile.DIRTYPE)
+            add(f"{path}{step}", tarfile.SYMTYPE, long_name)
+            path += f"{long_name}/"
+        back_home = "/".join(steps) + "/" + "l" * 254
+        add(back_home, tarfile.SYMTYPE, "../" * len(steps))
+        add("escape", tarfile.SYMTYPE, back_home + "/.." * unpack_depth + str(target))
+        add("escape/PWNED", tarfile.REGTYPE, data=b"pwned\n")
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("entry", ["cli_no_checksum", "verified"])
+def test_symlink_chain_past_the_tar_filter_is_refused(
+    entry: str, server: ArchiveServer, tmp_path: Path
+) -> None:
+    """Issue 29: the PATH_MAX symlink chain wrote `PWNED` into any absolute folder, verified or not
+    (test_v0.01 has no published checksum). Now its first link is refused and nothing is written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    # The archive is unpacked in a hidden folder inside data_dir: one level deeper than data_dir.
+    data = symlink_chain_archive(tmp_path / "chain.tar.gz", len(data_dir.resolve().parts), outside.resolve())
+    if entry == "cli_no_checksum":
+        server.files["/mirror/speech_commands_test_set_v0.01.tar.gz"] = data
+        args = ["dataset=test_v0.01", f"mirror={server.url('/mirror')}", f"paths.data_dir={data_dir}"]
+        result = run_download(*args, "progress=false", cwd=tmp_path)
+        print(f"\n$ python -m kws_lightning.data.download {' '.join(args)}: exit {result.returncode}")
+        print(result.stderr[-600:])
+        assert "Traceback" not in result.stderr
+        message = result.stderr.strip().splitlines()[-1] if result.returncode else "exit 0"
+    else:
+        spec = spec_for(serve(server, data, "c.tar.gz"), sha256_bytes(data))
+        try:
+            ensure_dataset(spec, data_dir / "c", progress=False)
+            message = "no error"
+        except UnsafeArchiveError as error:
+            message = f"error: {error}"
+    assert escaped(outside) == []
+    assert message.startswith("error: ") and "refused, nothing was unpacked" in message
+    assert "member 'a' is a symbolic link" in message
+    assert list(data_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", ["html_page", "garbled_gzip"])
+def test_a_download_that_is_not_a_tar_archive_is_one_line(
+    content: str, server: ArchiveServer, train_archive: tuple[bytes, str], tmp_path: Path
+) -> None:
+    """A mirror answering 200 with an HTML page, or a corrupt .tar.gz (no checksum to catch either):
+    exit 1 with one line naming the file and the fix, no traceback, nothing left behind."""
+    data, _ = train_archive
+    garbled = bytearray(data)
+    garbled[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # zeroes inside the deflate stream
+    body = {"html_page": b"<!DOCTYPE html><html><body>Sign in to continue</body></html>\n"}
+    server.files["/mirror/speech_commands_test_set_v0.01.tar.gz"] = body.get(content, bytes(garbled))
+    args = ["dataset=test_v0.01", f"mirror={server.url('/mirror')}", f"paths.data_dir={tmp_path / 'data'}"]
+    result = run_download(*args, "progress=false", cwd=tmp_path)
+    print(f"\n{content}: exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "speech_commands_test_set_v0.01.tar.gz" in last
+    assert "is not a readable tar archive" in last and "mirror=" in last
+    assert looks_complete(tmp_path) == [] and list((tmp_path / "data").iterdir()) == []
+
+
+def test_members_are_never_written_through_a_link(tmp_path: Path) -> None:
+    """The last line of defence, for a link already there (none can come from an archive now): neither
+    one on the way to a file nor one at its name is followed."""
+    from kws_lightning.data.extract import write_member
+
+    outside, folder = tmp_path / "outside", tmp_path / "folder"
+    outside.mkdir()
+    (folder / "no").mkdir(parents=True)
+    (folder / "yes").symlink_to(outside)
+    (folder / "no" / "a.wav").symlink_to(outside / "a.wav")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for name in ("yes/a.wav", "no/a.wav"):
+            member = tarfile.TarInfo(name)
+            member.size = 3
+            tar.addfile(member, io.BytesIO(b"abc"))
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        for member in tar.getmembers():
+            with pytest.raises(UnsafeArchiveError, match="would be written through a link"):
+                write_member(tar, member, folder.resolve() / member.name)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_repeated_file_is_unpacked_once_the_later_copy_wins(tmp_path: Path) -> None:
+    """As tar does; and the unpacked folder gets the usual permissions, not the private temporary
+    folder's 0700."""
+    import os
+    import stat
+
+    again = tarfile.TarInfo("./yes/00000000_nohash_0.wav")
+    tar_gz(official_test_tree(tmp_path / "tree"), tmp_path / "a.tar.gz", again, b"second copy")
+    root = tmp_path / "root"
+    result = ensure_dataset(spec_for((tmp_path / "a.tar.gz").as_uri(), None), root, progress=False)
+    assert (root / "yes" / "00000000_nohash_0.wav").read_bytes() == b"second copy"
+    assert result.marker["files"] == len(DEFAULT_KEYWORDS) + 2
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~umask
 
 
 def test_second_call_is_a_no_op_without_any_request(
