@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import logging
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 from audio_trees import make_training_tree, tone, write_float_wav, write_truncated_wav, write_wav
+from scipy.signal import resample_poly
 
 from kws_lightning.data import audio_io
 from kws_lightning.data.audio_io import AudioReadError, decode_audio, read_audio_int16
@@ -50,6 +54,14 @@ def bad_files(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     (folder / "garbage.wav").write_bytes(b"RIFF\x00\x00 this is not audio")
     (folder / "empty.wav").write_bytes(b"")
     (folder / "folder.wav").mkdir()
+    # A 52-byte WAV whose header says 999,999,999 Hz: resampling it once asked for a 149 GiB filter.
+    forged = bytearray(write_wav(folder / "forged_rate.wav", tone(1.0)[:4]).read_bytes())
+    fmt = forged.index(b"fmt ") + 8
+    forged[fmt + 4 : fmt + 12] = struct.pack("<II", 999_999_999, 2 * 999_999_999)
+    (folder / "forged_rate.wav").write_bytes(bytes(forged))
+    mp3 = io.BytesIO()
+    sf.write(mp3, tone(1.0), 16000, format="MP3")
+    (folder / "mp3.wav").write_bytes(mp3.getvalue())  # libsndfile would decode it without a word
     return {
         "truncated.wav": "truncated: its header declares 16000 samples, the file holds 500",
         "nan.wav": "non-finite samples (3 NaN, 0 +-Inf)",
@@ -59,6 +71,8 @@ def bad_files(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         "garbage.wav": "not a readable audio file",
         "empty.wav": "the file is empty (0 bytes)",
         "folder.wav": "is a folder",
+        "forged_rate.wav": "sample rate 999999999 Hz is outside the 1000-384000 Hz",
+        "mp3.wav": "named .wav but it holds MP3 audio",
     }
 
 
@@ -93,6 +107,23 @@ def test_ten_minute_clip_is_cropped_to_its_centre(tmp_path):
     assert decode_audio(write_wav(tmp_path / "short.wav", tone(1.0)), 16000, 48000).note is None
 
 
+def test_an_awkward_rate_is_resampled_with_bounded_factors(tmp_path, monkeypatch):
+    """383,999 Hz is a legal rate, but 16000/383999 as polyphase factors is a 7.7M-tap filter (1.4 s,
+    370 MB for a 2-sample body); the nearest ratio with factors <= 1000 is used instead."""
+    factors = []
+
+    def spy(samples, up, down, *args, **kwargs):
+        factors.append((up, down))
+        return resample_poly(samples, up, down, *args, **kwargs)
+
+    monkeypatch.setattr(audio_io, "resample_poly", spy)
+    clip = write_wav(tmp_path / "awkward.wav", tone(1.0, rate=383_999), rate=383_999)
+    assert abs(len(read_audio_int16(clip)) - 16000) <= 16000 * 5e-4  # the rate is at most 0.05 % off
+    write_wav(tmp_path / "cd.wav", tone(1.0, rate=44100), rate=44100)
+    assert len(read_audio_int16(tmp_path / "cd.wav")) == 16000
+    assert max(factors[0]) <= audio_io.MAX_RESAMPLE_FACTOR and factors[1] == (160, 441)  # usual: exact
+
+
 def test_datamodule_lists_every_skipped_and_cropped_clip_and_trains_on_neither(tmp_path, monkeypatch, caplog):
     root = make_training_tree(tmp_path / "sc", {"yes": 20, "no": 20, "bed": 20})
     expected = bad_files(root / "yes", monkeypatch)
@@ -120,8 +151,8 @@ def test_datamodule_lists_every_skipped_and_cropped_clip_and_trains_on_neither(t
     assert not dm.dataset.clips.loc[skipped_rows, "ok"].any()
     training_ids = set(dm.train_sampler.epoch_items().tolist())
     assert not training_ids & set(np.flatnonzero(skipped_rows.to_numpy()).tolist())
-    assert sum("skipped 7 of 68 clips" in m for m in caplog.messages) == 1
-    assert sum("cropped 1 of 68 clips" in m for m in caplog.messages) == 1
+    assert sum("skipped 9 of 70 clips" in m for m in caplog.messages) == 1
+    assert sum("cropped 1 of 70 clips" in m for m in caplog.messages) == 1
     # cache_dir=None decodes in memory: nothing is written where the command was launched.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sc"]
 
@@ -200,6 +231,7 @@ def test_predict_exit_status_issues_csv_and_user_files_untouched(
     )
     assert lenient.returncode == 0, lenient.stderr[-3000:]
     assert "could not be read and were labelled 'silence'" in lenient.stderr
+    assert set(pd.read_csv(tmp_path / "r2" / ISSUES_FILE)["path"].map(lambda p: Path(p).name)) == set(reasons)
 
     only_bad = tmp_path / "only_bad"
     write_truncated_wav(only_bad / "t.wav")

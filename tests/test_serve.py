@@ -7,7 +7,9 @@ import contextlib
 import json
 import re
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -165,7 +167,7 @@ def post_with_declared_length(url: str, declared: int, sent: bytes) -> tuple[int
     parsed = urlparse(url)
     with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as sock:
         head = (
-            "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+            f"POST /predict HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: audio/wav\r\n"
             f"Content-Length: {declared}\r\n\r\n"
         )
         sock.sendall(head.encode() + sent)
@@ -203,6 +205,82 @@ def test_bad_uploads_answer_4xx_json_naming_the_problem(server: str, tmp_path: P
     status, body = post_with_declared_length(server, 100_000_000, b"RIFF" + bytes(1020))
     assert (status, body["error"]) == (413, "too_large") and "max_upload_bytes" in body["detail"]
     assert httpx.get(f"{server}/health").json()["status"] == "ok"  # and the server is still fine
+
+
+def test_sample_rates_outside_the_range_answer_400_at_once(server: str, tmp_path: Path) -> None:
+    """A rate from a request or a header once went straight into the resampler: 4 bytes at 4,000,037 Hz
+    took 18 s and 3.7 GB, 999,999,999 Hz a 500 (MemoryError)."""
+    sf.write(tmp_path / "w.wav", np.zeros(4, np.int16), 16000, subtype="PCM_16")
+    wav = bytearray((tmp_path / "w.wav").read_bytes())
+    fmt = wav.index(b"fmt ") + 8
+    wav[fmt + 4 : fmt + 12] = struct.pack("<II", 4_000_037, 8_000_074)
+    started = time.monotonic()
+    for rate in (4_000_037, 999_999_999, 999):
+        answer = httpx.post(
+            f"{server}/predict?format=pcm16&rate={rate}",
+            content=bytes(4),
+            headers={"Content-Type": "audio/L16"},
+        )
+        assert answer.status_code == 400 and f"rate={rate}" in answer.json()["detail"]
+        assert "1000-384000 Hz" in answer.json()["detail"]
+    answer = httpx.post(f"{server}/predict", content=bytes(wav), headers={"Content-Type": "audio/wav"})
+    assert answer.status_code == 400 and "sample rate 4000037 Hz is outside" in answer.json()["detail"]
+    assert time.monotonic() - started < 5
+
+
+def test_only_the_services_own_page_may_use_it(server: str, tiny_checkpoint: dict) -> None:
+    """Any page a browser shows may POST to 127.0.0.1 or open a WebSocket there: its Origin must be the
+    service's own; a Host that is not this service's name is DNS rebinding; text/plain is not audio."""
+    clip = (tiny_checkpoint["data_root"] / "testing_list.txt").read_text().split()[0]
+    data = (tiny_checkpoint["data_root"] / clip).read_bytes()
+    own, evil = server, "http://evil.example"
+
+    def post(headers: dict) -> httpx.Response:
+        return httpx.post(f"{server}/predict", content=data, headers={"Content-Type": "audio/wav", **headers})
+
+    assert post({"Origin": own}).status_code == 200  # the page itself
+    refused = post({"Origin": evil})
+    assert refused.status_code == 403 and refused.json()["error"] == "bad_origin"
+    assert "allowed_origins" in refused.json()["detail"]
+    # A page on evil.example whose name now resolves to 127.0.0.1: same origin, but not our name.
+    rebound = httpx.get(f"{server}/health", headers={"Host": f"evil.example:{urlparse(server).port}"})
+    assert rebound.status_code == 400 and rebound.json()["error"] == "bad_host"
+    assert httpx.get(f"{server}/health", headers={"Host": f"localhost:{urlparse(server).port}"}).is_success
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):  # sent cross-site without a preflight
+        answer = post({"Content-Type": kind})
+        assert answer.status_code == 415 and "audio/wav" in answer.json()["detail"]
+    stream = server.replace("http://", "ws://") + "/stream"
+    with pytest.raises(ws_client.InvalidStatus) as denied:
+        ws_client.connect(stream, origin=evil, open_timeout=30)
+    assert denied.value.response.status_code == 403
+    with ws_client.connect(stream, origin=own, open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+    health = httpx.get(f"{server}/health")
+    assert health.json()["sources"] == [tiny_checkpoint["ckpt"].name]
+    assert str(tiny_checkpoint["ckpt"].parent) not in health.text and '"/' not in health.text
+
+
+def test_allowed_origins_widen_the_pages_and_names() -> None:
+    """The guard's decisions with allowed_origins set (the server test above runs it in the real stack)."""
+    from kws_lightning.serving.app import ServeSettings
+    from kws_lightning.serving.guard import RequestGuard
+
+    with pytest.raises(ValueError, match=r"allowed_origins entry 'localhost:3000' .* scheme://host\[:port\]"):
+        ServeSettings(allowed_origins=["localhost:3000"])
+    settings = ServeSettings(allowed_origins=["http://localhost:3000/", "https://KWS.example"])
+    guard = RequestGuard(None, settings.host, settings.allowed_origins)
+
+    def refused(origin: str | None, host: str = "127.0.0.1:8000") -> str | None:
+        headers = [(b"host", host.encode())] + ([(b"origin", origin.encode())] if origin else [])
+        answer = guard.refusal(headers)
+        return answer and answer[1]
+
+    assert refused("http://localhost:3000") is None
+    assert refused("https://kws.example", "kws.example") is None  # a proxy's name, from its origin
+    assert refused("http://localhost:3001") == "bad_origin"
+    assert refused("http://[::1]:8000", "[::1]:8000") is None  # the page itself, by any address
+    assert refused(None, "other.example") == "bad_host"
+    assert refused(None, "192.168.1.20:8000") is None  # host=0.0.0.0, opened by its LAN address
 
 
 def stream_file(url: str, path: Path, chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
@@ -289,7 +367,9 @@ def test_serves_an_exported_model(tiny_checkpoint: dict, clips: list, tmp_path: 
     predictor = Predictor.from_checkpoints(tiny_checkpoint["ckpt"], "cpu")
     expected = predictor.predict_arrays([read_audio_int16(c[0]) for c in clips[:2]])
     settings = {"detection_threshold": 0.5}
-    with running_server(None, tmp_path / "serve", settings, f"model_path={exported['path']}") as url:
+    # A TorchScript file is code: served only with trust_code=true (refused without: tests/test_listen.py).
+    model = (f"model_path={exported['path']}", "trust_code=true")
+    with running_server(None, tmp_path / "serve", settings, *model) as url:
         health = httpx.get(f"{url}/health").json()
         assert health["model"] == "model.pt" and health["classes"] == predictor.labels
         for (path, _, _), row in zip(clips[:2], expected, strict=True):

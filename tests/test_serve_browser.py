@@ -127,7 +127,8 @@ def test_live_page_hears_the_fake_microphone(request: pytest.FixtureRequest, tmp
             "return r && !r.startsWith('scoring') ? r : null",
             30,
         )
-        answer = json.loads(urlopen(Request(f"{url}/predict", data=word.read_bytes(), method="POST")).read())
+        headers = {"Content-Type": "audio/wav"}  # urllib's default, form-urlencoded, is refused (415)
+        answer = json.loads(urlopen(Request(f"{url}/predict", word.read_bytes(), headers)).read())
         assert result.startswith(f"{word.name}: {answer['label']} ({answer['score']:.3f})")
         shot = tmp_path / "serve_page.png"
         driver.save_screenshot(str(shot))

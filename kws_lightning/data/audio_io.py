@@ -1,7 +1,8 @@
 """Decode one audio file to mono int16: the only place a WAV is read, and where bad audio is refused.
 
 Every refusal is an `AudioReadError` whose reason says what is wrong in words a user can act on
-(missing, broken link, permission denied, truncated, non-finite samples, not audio); callers report
+(missing, broken link, permission denied, truncated, non-finite samples, not audio, a `.wav` holding
+another format, a sample rate outside `MIN_SAMPLE_RATE`-`MAX_SAMPLE_RATE`); callers report
 and skip the file, never train on or predict it silently. The file's bytes are read once, hashed
 (blake2b, for the wave cache's integrity check) and decoded from memory.
 """
@@ -15,7 +16,8 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
-from math import ceil, gcd
+from fractions import Fraction
+from math import ceil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,17 @@ _warned_rates: set[int] = set()
 DIGEST_SIZE = 16  # bytes of blake2b per file: collisions are irrelevant at data-set scale
 # Streaming writers put 0 or 0xFFFFFFFF in the data chunk's size: "unknown", not "truncated".
 _UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
+# The sample rates (Hz) a file header or a request may declare: every real recording's (8 kHz telephone
+# to 384 kHz studio) with room to spare. Outside it a header is damaged or forged, and resampling from it
+# would size the work by it (999,999,999 Hz: a 149 GiB filter for a 52-byte file).
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+# Polyphase resampling designs a filter of ~20 x max(up, down) taps: 1.4 s and 370 MB at 383,999 Hz.
+# A ratio needing larger factors (none of the usual rates: 44.1 -> 16 kHz is 160/441) is replaced by
+# the nearest one within this bound, at most 0.05 % off in rate.
+MAX_RESAMPLE_FACTOR = 1000
+# libsndfile's names of the containers a `.wav` file may hold (NIST: TIMIT's .wav files are SPHERE).
+WAV_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "NIST")
 
 
 class AudioReadError(RuntimeError):
@@ -133,12 +146,56 @@ def _pcm16_mono(data: bytes) -> tuple[np.ndarray, int] | None:
     return samples.astype(np.float32) / np.float32(32768.0), wav.rate
 
 
+def sample_rate_problem(rate: int) -> str | None:
+    """Why a declared sample rate (a file header's, a request's) is refused, or None when it is usable."""
+    if MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        return None
+    return f"sample rate {rate} Hz is outside the {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz this tool reads"
+
+
+def resample(samples: np.ndarray, file_rate: int, sample_rate: int) -> np.ndarray:
+    """`samples` (float, at `file_rate`, checked by `sample_rate_problem`) polyphase-resampled to
+    `sample_rate`, with up / down factors of at most `MAX_RESAMPLE_FACTOR` (the cost stays bounded)."""
+    ratio = Fraction(sample_rate, file_rate)
+    if max(ratio.numerator, ratio.denominator) > MAX_RESAMPLE_FACTOR:
+        # Approximate the factor below 1 (its denominator bounds both); invert back when upsampling.
+        ratio = (
+            ratio.limit_denominator(MAX_RESAMPLE_FACTOR)
+            if ratio < 1
+            else 1 / (1 / ratio).limit_denominator(MAX_RESAMPLE_FACTOR)
+        )
+    return resample_poly(samples.astype(np.float64), ratio.numerator, ratio.denominator)
+
+
+def _libsndfile_decode(data: bytes, path: str | Path) -> tuple[np.ndarray, int]:
+    """(float32 samples (frames, channels), rate) of any format libsndfile reads; a file named `.wav`
+    must hold a WAV container (an MP3 renamed `.wav` would otherwise be used without a word)."""
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as audio:
+            if Path(str(path)).suffix.lower() == ".wav" and audio.format not in WAV_FORMATS:
+                raise AudioReadError(
+                    path,
+                    f"named .wav but it holds {audio.format} audio ({audio.format_info}), not WAV: convert "
+                    "it to WAV (e.g. ffmpeg -i IN -ar 16000 OUT.wav) or delete it",
+                )
+            # float32, not int16: libsndfile reads float WAVs as int16 without scaling (all zeros).
+            # For PCM16 the float32 values are exactly s / 32768, so the round trip is lossless.
+            return audio.read(dtype="float32", always_2d=True), audio.samplerate
+    except AudioReadError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+        # error_string: libsndfile's words without soundfile's "Error opening <BytesIO ...>" prefix.
+        reason = getattr(error, "error_string", None) or str(error).strip() or type(error).__name__
+        raise AudioReadError(path, f"not a readable audio file ({reason})") from None
+
+
 def decode_audio(path: str | Path, sample_rate: int = 16000, max_samples: int | None = None) -> DecodedAudio:
     """Read `path` as mono int16 at `sample_rate`, refusing bad audio with an `AudioReadError`.
 
     Stereo is mixed down; other rates are resampled (polyphase, warned once per rate). Refused: missing,
-    unreadable or empty files, broken links, truncated WAVs (header longer than the data) and float
-    WAVs holding NaN or Inf. A clip longer than `max_samples` is cropped to its centre (what evaluation
+    unreadable or empty files, broken links, truncated WAVs (header longer than the data), float WAVs
+    holding NaN or Inf, rates outside `MIN_SAMPLE_RATE`-`MAX_SAMPLE_RATE` and `.wav` files of another
+    format. A clip longer than `max_samples` is cropped to its centre (what evaluation
     scores) and the returned `note` says so.
     """
     return decode_audio_bytes(read_file_bytes(path), path, sample_rate, max_samples)
@@ -162,14 +219,12 @@ def decode_audio_bytes(
     if pcm is not None:
         samples, file_rate = pcm[0][:, None], pcm[1]
     else:
-        try:
-            # float32, not int16: libsndfile reads float WAVs as int16 without scaling (all zeros).
-            # For PCM16 the float32 values are exactly s / 32768, so the round trip below is lossless.
-            samples, file_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
-            # error_string: libsndfile's words without soundfile's "Error opening <BytesIO ...>" prefix.
-            reason = getattr(error, "error_string", None) or str(error).strip() or type(error).__name__
-            raise AudioReadError(path, f"not a readable audio file ({reason})") from None
+        samples, file_rate = _libsndfile_decode(data, path)
+    rate_problem = sample_rate_problem(file_rate)
+    if rate_problem is not None:  # before anything is sized by the rate
+        raise AudioReadError(
+            path, f"{rate_problem} (a damaged or forged header; re-export it, e.g. at 16 kHz)"
+        )
     if samples.shape[0] == 0:
         raise AudioReadError(path, "the file holds no samples")
     finite = np.isfinite(samples)
@@ -195,8 +250,7 @@ def decode_audio_bytes(
         if file_rate not in _warned_rates:
             _warned_rates.add(file_rate)
             log.warning("resampling clips at %d Hz to %d Hz (first: %s)", file_rate, sample_rate, path)
-        common = gcd(int(file_rate), int(sample_rate))
-        mono = resample_poly(mono.astype(np.float64), sample_rate // common, file_rate // common)
+        mono = resample(mono, int(file_rate), int(sample_rate))
     if max_samples is not None and len(mono) > max_samples:
         start = (len(mono) - max_samples) // 2
         mono = mono[start : start + max_samples]

@@ -10,6 +10,10 @@ outbox drained by its own sender task: a client that reads slowly loses its olde
 up the model thread or the others. Uploads are refused by their declared size before a byte is read,
 and counted while streaming in when no size is declared.
 
+Only this service's own page (or one in `allowed_origins`) may use it: `serving.guard` checks every
+request's Host and Origin. Uploads must declare an audio type (or multipart, octet-stream, none): a
+`text/plain` POST, which any page can send without asking, is refused before its body is read.
+
 Errors a client can cause answer 4xx JSON ``{"error": code, "detail": words}``; anything else is logged
 and answers a 500 JSON without a traceback.
 """
@@ -33,14 +37,16 @@ import numpy as np
 import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from kws_lightning.data.audio_io import AudioReadError, decode_audio_bytes
+from kws_lightning.data.audio_io import AudioReadError, decode_audio_bytes, resample, sample_rate_problem
 from kws_lightning.listen import RecognizeCommands, StreamingDetector
+from kws_lightning.serving.guard import RequestGuard, normalise_origin
 from kws_lightning.serving.model_worker import ModelWorker, WorkerPredictor
 from kws_lightning.serving.preview import LogMelPreview
 
@@ -48,6 +54,9 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RAW_TYPES = ("audio/l16", "audio/pcm", "audio/x-pcm16")
 FORMATS = ("file", "pcm16")
+# Content types an upload may declare, besides audio/*: what the page, curl -F and scripts send. The
+# others a page may send cross-site without a preflight (text/plain, form-urlencoded) are refused.
+UPLOAD_TYPES = ("", "application/octet-stream", "multipart/form-data")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ class ServeSettings:
     outbox_messages: int = 50  # per connection; beyond, the oldest posterior message is dropped
     max_batch: int = 64
     feed_threads: int = 32
+    host: str = "127.0.0.1"  # the bind address: a name the Host header may carry
+    allowed_origins: tuple[str, ...] = ()  # pages besides the service's own that may use it
+
+    def __post_init__(self) -> None:  # checked here, before the model loads: a typo is one clear line
+        object.__setattr__(self, "allowed_origins", tuple(normalise_origin(o) for o in self.allowed_origins))
 
 
 class ClientError(Exception):
@@ -190,8 +204,16 @@ async def read_bounded(request: Request, limit: int) -> bytes:
 
 async def upload_audio(request: Request, limit: int) -> tuple[bytes, str, str, dict[str, str]]:
     """(bytes, name, format, options) of an upload: a multipart form's first file, or the raw body."""
-    body = await read_bounded(request, limit)
     content_type, options = parse_content_type(request.headers.get("content-type", ""))
+    if not content_type.startswith("audio/") and content_type not in UPLOAD_TYPES:
+        raise ClientError(
+            415,
+            "unsupported_type",
+            f"Content-Type {content_type!r} is not audio: send the file as audio/wav (curl -H "
+            "'Content-Type: audio/wav' --data-binary @clip.wav), application/octet-stream, or a form "
+            "(curl -F file=@clip.wav)",
+        )
+    body = await read_bounded(request, limit)
     name = "the upload"
     if content_type == "multipart/form-data":
 
@@ -227,8 +249,13 @@ def decode_upload(
             source_rate, channels = int(options.get("rate", rate)), int(options.get("channels", 1))
         except ValueError:
             raise ClientError(400, "bad_format", "rate and channels must be integers") from None
-        if source_rate <= 0 or channels <= 0:
-            raise ClientError(400, "bad_format", "rate and channels must be positive")
+        if channels <= 0:
+            raise ClientError(400, "bad_format", "channels must be positive")
+        rate_problem = sample_rate_problem(source_rate)
+        if rate_problem is not None:  # before anything is sized by it
+            raise ClientError(
+                400, "bad_format", f"rate={source_rate}: {rate_problem}; send the audio's own rate"
+            )
         if len(body) % (2 * channels):
             raise ClientError(
                 400,
@@ -241,12 +268,7 @@ def decode_upload(
             raise ClientError(413, "too_long", f"{name} lasts {duration:.1f} s; max_upload_s={max_s:g}")
         samples = np.frombuffer(body, "<i2").reshape(-1, channels).mean(axis=1) / 32768.0
         if source_rate != rate:
-            from math import gcd
-
-            from scipy.signal import resample_poly
-
-            common = gcd(source_rate, rate)
-            samples = resample_poly(samples, rate // common, source_rate // common)
+            samples = resample(samples, source_rate, rate)
         return np.clip(np.rint(samples * 32768.0), -32768, 32767).astype(np.int16), duration
     try:  # the header's length first: a 10-minute file is refused without decoding it
         import soundfile as sf
@@ -258,12 +280,15 @@ def decode_upload(
     if duration is not None and duration > max_s:
         raise ClientError(413, "too_long", f"{name} lasts {duration:.1f} s; max_upload_s={max_s:g}")
     try:
-        samples = decode_audio_bytes(body, name, rate).samples
+        # Cropped before resampling past max_upload_s: the work stays bounded whatever the header said.
+        decoded = decode_audio_bytes(body, name, rate, max_samples=int(max_s * rate) + 1)
     except AudioReadError as error:
         code = "empty" if "no samples" in error.reason else "not_audio"
         hint = "" if code == "empty" else "; send a WAV (or raw PCM16 with ?format=pcm16&rate=16000)"
         raise ClientError(400, code, f"{name}: {error.reason}{hint}") from None
-    return samples, len(samples) / rate
+    if decoded.note is not None:  # longer than its header said (or libsndfile could not read the header)
+        raise ClientError(413, "too_long", f"{name} lasts more than max_upload_s={max_s:g} s")
+    return decoded.samples, len(decoded.samples) / rate
 
 
 def build_app(
@@ -283,7 +308,7 @@ def build_app(
     health = {
         "status": "ok",
         "model": model_name(predictor),
-        "sources": [str(p) for p in predictor.paths],
+        "sources": [Path(p).name for p in predictor.paths],  # names only: no path of this machine
         "classes": labels,
         "keywords": labels[2:],
         "sample_rate": rate,
@@ -413,6 +438,9 @@ def build_app(
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={HTTPException: client_error, Exception: server_error},
+        middleware=[
+            Middleware(RequestGuard, bind_host=settings.host, allowed_origins=settings.allowed_origins)
+        ],
         lifespan=lifespan,
     )
     app.state.worker = worker

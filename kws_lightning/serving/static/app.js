@@ -176,9 +176,9 @@ async function scoreFile(file) {
   $("result").textContent = `scoring ${file.name}...`;
   let response;
   try {
-    response = await fetch("/predict", {
-      method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" },
-    });
+    // The server takes audio/* or octet-stream (a dropped file typed text/plain would be refused).
+    const type = file.type.startsWith("audio/") ? file.type : "application/octet-stream";
+    response = await fetch("/predict", { method: "POST", body: file, headers: { "Content-Type": type } });
   } catch (error) {
     $("result").textContent = "The server is not reachable: is python -m kws_lightning.serve running?";
     setServer(false, "server unreachable");
