@@ -29,9 +29,14 @@ class RecordTargets(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(root, tmp_path, max_steps, ckpt_path=None, **trainer_kwargs):
+def fit(root, tmp_path, max_steps, ckpt_path=None, cache_on_device="false", **trainer_kwargs):
     dm = SpeechCommandsDataModule(
-        root=str(root), keywords=["yes", "no"], batch_size=8, cache_dir=str(tmp_path / "cache"), seed=5
+        root=str(root),
+        keywords=["yes", "no"],
+        batch_size=8,
+        cache_dir=str(tmp_path / "cache"),
+        seed=5,
+        cache_on_device=cache_on_device,
     )
     module = RecordTargets()
     trainer = pl.Trainer(
@@ -47,10 +52,13 @@ def fit(root, tmp_path, max_steps, ckpt_path=None, **trainer_kwargs):
     return module.seen, dm
 
 
-@pytest.mark.parametrize("save_at", ["train_step", "validation"])
-def test_mid_epoch_resume_replays_the_remaining_batches(tmp_path, save_at):
+# "true": the wave cache on the device (issue 32; device=cpu here) resumes the same way.
+@pytest.mark.parametrize(
+    ("save_at", "on_device"), [("train_step", "false"), ("validation", "false"), ("train_step", "true")]
+)
+def test_mid_epoch_resume_replays_the_remaining_batches(tmp_path, save_at, on_device):
     root = make_training_tree(tmp_path / "sc", {"yes": 24, "no": 24, "bed": 8}, speakers=24)
-    reference, dm = fit(root, tmp_path / "a", max_steps=14, limit_val_batches=0)
+    reference, dm = fit(root, tmp_path / "a", max_steps=14, limit_val_batches=0)  # today's path
     steps_per_epoch = len(dm.train_dataloader())
     assert 4 < steps_per_epoch < 14  # the run crosses an epoch boundary, the save lands mid-epoch
     save_every = 3
@@ -65,9 +73,16 @@ def test_mid_epoch_resume_replays_the_remaining_batches(tmp_path, save_at):
             "val_check_interval": save_every,
             "limit_val_batches": 1,
         }
-    first, _ = fit(root, tmp_path / "b", max_steps=save_every, **kwargs)
+    first, _ = fit(root, tmp_path / "b", max_steps=save_every, cache_on_device=on_device, **kwargs)
     ckpt = sorted((tmp_path / "ck").glob("*.ckpt"))[-1]
     assert torch.load(ckpt, weights_only=True)["global_step"] == save_every
-    rest, _ = fit(root, tmp_path / "c", max_steps=14, ckpt_path=str(ckpt), limit_val_batches=0)
+    rest, _ = fit(
+        root,
+        tmp_path / "c",
+        max_steps=14,
+        ckpt_path=str(ckpt),
+        limit_val_batches=0,
+        cache_on_device=on_device,
+    )
     assert first == reference[:save_every]
     assert first + rest == reference

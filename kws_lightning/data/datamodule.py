@@ -20,7 +20,7 @@ from kws_lightning.data.augment import (
     prepare_batch,
     synthesize_silence,
 )
-from kws_lightning.data.dataset import ClipBatches, keep_batch
+from kws_lightning.data.dataset import ClipBatches, ClipIds, DeviceClipBatches, keep_batch
 from kws_lightning.data.index import (
     DataLayoutError,
     IndexedDataset,
@@ -38,6 +38,10 @@ from kws_lightning.data.wave_cache import (
 from kws_lightning.labels import DEFAULT_KEYWORDS, UNKNOWN, UNKNOWN_INDEX, make_labels
 
 log = logging.getLogger(__name__)
+
+
+# auto puts the wave cache on a CUDA device when it takes at most this share of the free memory.
+CACHE_DEVICE_SHARE = 0.25
 
 
 class ResumableLoader(DataLoader):
@@ -108,8 +112,11 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         fold: int | None = None,
         num_folds: int = 5,
         extra_training_roots: Sequence[str] = (),
+        cache_on_device: Literal["auto", "true", "false"] | bool = "auto",
     ) -> None:
         super().__init__()
+        if str(cache_on_device).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"data.cache_on_device={cache_on_device!r}: use auto, true or false")
         if root is None and synthetic is None:
             raise ValueError("no data: set data.root=PATH to a Speech Commands folder, or use data=synthetic")
         if download and (dataset is None or root is None):
@@ -150,6 +157,8 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         self.train_sampler: TFStyleSampler | None = None
         self.eval_items: dict[str, np.ndarray] = {}
         self.eval_silence: dict[str, np.ndarray] = {}
+        self._device_batches: dict[str, DeviceClipBatches] = {}  # device: the cache held there
+        self._device_silence: dict[str, torch.Tensor] = {}
 
     # ---- preparation -------------------------------------------------------------------------
     def resolve_root(self) -> Path:
@@ -343,7 +352,23 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
         return digest.hexdigest()
 
     # ---- loaders -----------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return torch.device("cpu") if self.trainer is None else self.trainer.strategy.root_device
+
+    def cache_on_device(self, device: torch.device | None = None) -> bool:
+        """Whether the loaders yield only ids and the waves are gathered on `device` (the trainer's).
+        auto: on CUDA, when the cache takes at most CACHE_DEVICE_SHARE of the free device memory."""
+        mode = str(self.hparams.get("cache_on_device", "auto")).lower()
+        device = device or self._device()
+        if mode != "auto" or device.type != "cuda":
+            return mode == "true"
+        free, _ = torch.cuda.mem_get_info(device)
+        return self.cache.samples.nbytes <= CACHE_DEVICE_SHARE * free
+
     def _loader(self, dataset: ClipBatches, sampler: Any, loader_class: type = DataLoader) -> DataLoader:
+        if self.cache_on_device():
+            # Only ids cross the loader; on_after_batch_transfer gathers the waves on the device.
+            dataset = ClipIds(dataset.fixed_silence)
         workers = self.hparams.num_workers
         return loader_class(
             dataset,
@@ -398,9 +423,28 @@ class SpeechCommandsDataModule(pl.LightningDataModule):
     # ---- on the device -----------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         train = self.trainer is not None and self.trainer.training
+        if "ids" in batch:
+            batch = self.gather_on_device(batch, "training" if train else self._eval_split())
         if train:
             batch = self.with_hard_negatives(batch)
         return self.to_model_input(batch, train), batch["targets"]
+
+    def _eval_split(self) -> str:
+        return "testing" if self.trainer is not None and self.trainer.testing else "validation"
+
+    def gather_on_device(self, batch: dict, split: str) -> dict:
+        """The ClipBatches batch of `batch["ids"]`, built from the cache held on their device."""
+        ids = batch["ids"]
+        key = str(ids.device)
+        if key not in self._device_batches:  # one copy of the cache per device, shared by every split
+            self._device_batches[key] = DeviceClipBatches(self.cache, self.clip_targets(), ids.device)
+        silence = None
+        if split != "training":  # the fixed silence draw, moved once per split and device
+            silence_key = f"{split}@{key}"
+            if silence_key not in self._device_silence:
+                self._device_silence[silence_key] = torch.from_numpy(self.eval_silence[split]).to(ids.device)
+            silence = self._device_silence[silence_key]
+        return self._device_batches[key](ids, silence)
 
     def with_hard_negatives(self, batch: dict) -> dict:
         """A training batch with keyword clips cut to half a word and relabelled unknown

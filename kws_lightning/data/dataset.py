@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -61,3 +63,57 @@ class ClipBatches(Dataset):
 def keep_batch(batch: Batch) -> Batch:
     """collate_fn for ClipBatches: the batch is already built (module-level so workers can pickle it)."""
     return batch
+
+
+class DeviceClipBatches:
+    """`ClipBatches.__getitems__` as tensor ops on one device (the wave cache held there as int16), so a
+    batch needs no CPU work beyond its ids; it gives the same batch, row for row (tests/test_device_cache.py).
+    """
+
+    def __init__(
+        self,
+        cache: WaveCache,
+        clip_targets: np.ndarray,
+        device: torch.device | str,
+    ) -> None:
+        self.device = torch.device(device)
+        with warnings.catch_warnings():  # a read-only memmap: shared as is on the CPU, never written to
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.samples = torch.from_numpy(np.ascontiguousarray(cache.samples)).to(self.device)
+        self.offsets = torch.from_numpy(np.asarray(cache.offsets, np.int64)).to(self.device)
+        self.lengths = torch.from_numpy(np.asarray(cache.lengths, np.int64)).to(self.device)
+        self.clip_targets = torch.as_tensor(np.asarray(clip_targets, np.int64), device=self.device)
+
+    def __call__(self, ids: torch.Tensor, fixed_silence: torch.Tensor | None = None) -> Batch:
+        """The batch of `ids`; `fixed_silence` (on this device) as in ClipBatches: validation / test."""
+        if fixed_silence is not None and len(fixed_silence) == 0:
+            fixed_silence = None
+        ids = ids.to(self.device, torch.int64)
+        silence = ids < 0
+        clip_ids = torch.where(silence, torch.zeros_like(ids), ids)
+        lengths = torch.where(silence, torch.zeros_like(ids), self.lengths[clip_ids])
+        if fixed_silence is not None:
+            lengths = torch.where(silence, fixed_silence.shape[1], lengths)
+        width = max(int(lengths.max()) if len(ids) else 0, 1)
+        column = torch.arange(width, device=self.device)
+        inside = column < lengths[:, None]
+        # Clamp so the masked-out positions index inside the cache; they are zeroed below.
+        flat = (self.offsets[clip_ids][:, None] + column).clamp(max=max(len(self.samples) - 1, 0))
+        waves = torch.where(inside & ~silence[:, None], self.samples[flat], 0).to(torch.int16)
+        if fixed_silence is not None and bool(silence.any()):
+            rows = torch.nonzero(silence).squeeze(1)
+            which = (-1 - ids[rows]) % len(fixed_silence)
+            waves[rows, : fixed_silence.shape[1]] = fixed_silence[which]
+        targets = torch.where(silence, SILENCE_INDEX, self.clip_targets[clip_ids])
+        synth = silence & (fixed_silence is None)
+        return {"waves": waves, "lengths": lengths, "targets": targets, "synth_silence": synth}
+
+
+class ClipIds(Dataset):
+    """The loader's dataset when the cache lives on the device: a batch is its ids only."""
+
+    def __init__(self, fixed_silence: np.ndarray | None = None) -> None:
+        fixed_silence = fixed_silence
+
+    def __getitems__(self, items: list[int]) -> Batch:
+        return {"ids": torch.as_tensor(items, dtype=torch.int64)}
