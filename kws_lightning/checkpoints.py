@@ -26,6 +26,10 @@ from torch import nn
 TARGET, PARTIAL, ARGS = "_target_", "_partial_", "_args_"
 # Lightning's words for ckpt_path that are not files (resolved by the trainer itself).
 LIGHTNING_CKPT_WORDS = ("last", "best", "hpc", "registry")
+# Data settings that write or delete files, set by the command rebuilding a checkpoint's data module and
+# never by its stored config (which may come from a stranger, or name another machine's folders): no
+# pruning of other caches, data_issues.csv in the run dir, no download (cache_dir is the command's).
+RUN_OWNED_DATA = {"keep_caches": None, "report_dir": None, "download": False}
 
 
 class CheckpointError(ValueError):
@@ -34,12 +38,13 @@ class CheckpointError(ValueError):
 
 def _frontends() -> dict[str, Callable[..., Any]]:
     from kws_lightning import features
+    from kws_lightning.speech_embedding import SpeechEmbedding
 
     return {
         f"{features.__name__}.{name}": obj
         for name, obj in vars(features).items()
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == features.__name__
-    }
+    } | {f"{SpeechEmbedding.__module__}.{SpeechEmbedding.__name__}": SpeechEmbedding}
 
 
 def _networks() -> dict[str, Callable[..., Any]]:
@@ -107,12 +112,47 @@ def load_checkpoint(
     return checkpoint
 
 
-def check_resume_checkpoint(ckpt_path: str | Path | None) -> str | Path | None:
-    """`ckpt_path` unchanged, once the file (if it is one) opened as data: a refused resume checkpoint is
-    named with the reason before Lightning opens it (Lightning's own error names neither)."""
+def check_resume_checkpoint(
+    ckpt_path: str | Path | None, module: nn.Module | None = None
+) -> str | Path | None:
+    """`ckpt_path` unchanged, once the file (if it is one) opened as data and, given the `module` that is to
+    resume from it, its weights found to fit that module (names and shapes, as Lightning's strict load
+    needs): a refused checkpoint, or one of another model or config, is named with the reason before
+    Lightning opens it (Lightning's own errors name neither)."""
     if ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_WORDS and Path(ckpt_path).expanduser().is_file():
-        load_checkpoint(ckpt_path, mmap=True)
+        checkpoint = load_checkpoint(ckpt_path, mmap=True)
+        if module is not None:
+            _check_weights_fit(checkpoint, module, ckpt_path)
     return ckpt_path
+
+
+def _check_weights_fit(checkpoint: Mapping[str, Any], module: nn.Module, path: str | Path) -> None:
+    stored = checkpoint.get("state_dict")
+    if not isinstance(stored, Mapping):
+        raise CheckpointError(
+            f"checkpoint {path} has no state_dict: it was not written by kws_lightning.train"
+        )
+    expected = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    found = {name: tuple(getattr(value, "shape", ())) for name, value in stored.items()}
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    resized = [
+        f"{name} {found[name]} vs {shape} here"
+        for name, shape in expected.items()
+        if name in found and found[name] != shape
+    ]
+    if not (missing or unexpected or resized):
+        return
+    parts = [
+        f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("other shapes", resized))
+        if names
+    ]
+    raise CheckpointError(
+        f"checkpoint {path} belongs to another model or config: its weights do not fit the model this run "
+        f"builds ({'; '.join(parts)}). Resume it with the settings it was trained with (its run dir's "
+        "config_resolved.yaml), or drop ckpt_path to start a new run"
+    )
 
 
 def _refuse(path: str | Path, key: str, why: str) -> CheckpointError:
@@ -188,15 +228,22 @@ def stored_datamodule(
     data_root: str | None,
     use: str,
     fix: str,
+    *,
+    cache_dir: str | None,
     **updates: Any,
 ) -> Any:
     """The data module checkpoint `path` was trained with, rebuilt from its stored `config` (through
-    `build_stored`), with `updates` (cache_dir, batch_size, ...) and `data_root` in place of its root.
-    `use` says what it is rebuilt for and `fix` what to pass instead, in the errors."""
+    `build_stored`), with `updates` (batch_size, ...) and `data_root` in place of its root. `use` says
+    what it is rebuilt for and `fix` what to pass instead, in the errors.
+
+    Where files are written or deleted comes from the running command, never from the file: the wave
+    cache goes to `cache_dir` (this run's `paths.cache_dir`; None: decoded in memory), no cache there is
+    pruned, data_issues.csv goes to this run's dir, and nothing is downloaded (`RUN_OWNED_DATA`)."""
     data_cfg = dict(config.get("data") or {})
     if TARGET not in data_cfg:
         raise ValueError(f"{path} records no data config: {use} needs one; {fix}")
     data_cfg.update(updates)
+    data_cfg.update(RUN_OWNED_DATA, cache_dir=cache_dir)
     if data_root is not None:
         data_cfg["root"] = data_root
     root = data_cfg.get("root")

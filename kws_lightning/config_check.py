@@ -8,7 +8,7 @@ Three kinds of check, none of which imports torch or Lightning (the whole check 
   one is checked against the dataclass or function that consumes it (`SCHEMAS`). A parameter added to a
   constructor is checked as soon as it exists, with no list here to update.
 - Ranges that a type hint cannot say (`RANGES`: a batch size >= 1, a probability in [0, 1]) by key pattern;
-  a rule whose key is absent from the config does nothing.
+  a rule whose key is absent from the config does nothing. No number anywhere may be NaN or infinite.
 - Pairs of keys that must agree (`CROSS_CHECKS`: data.sample_rate and feature.sample_rate, ...).
 
 Struct mode already rejects a misspelt key on the command line (``data.batch_sise=1``); the signature check
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import difflib
 import fnmatch
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,8 @@ RANGES: dict[str, Bound] = {
     "feature.amin": _POSITIVE,
     "feature.eps": _POSITIVE,
     "feature.top_db": Bound(0, none_ok=True),
+    "feature.pad_ms": _NON_NEGATIVE,
+    "feature.lr_scale": _POSITIVE,
     "augment.*.p": _PROBABILITY,
     "augment.*.p_zero": _PROBABILITY,
     "augment.*.max_gain": _NON_NEGATIVE,
@@ -490,6 +493,10 @@ def _get(values: Any, path: str) -> Any:
 def _check_ranges(values: dict) -> Iterator[Problem]:
     for key, value in _leaves(values):
         if isinstance(value, dict | list):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            # NaN passes every comparison and inf every lower bound: no setting takes either.
+            yield Problem(key, f"={show(value)}: expected a finite number")
             continue
         for pattern, bound in RANGES.items():
             if fnmatch.fnmatchcase(key, pattern) and not bound.accepts(value):

@@ -34,14 +34,12 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from kws_lightning.jobs.cv_folds import CVError
     from kws_lightning.jobs.cv_run import run_cv
+    from kws_lightning.utils.cli_errors import one_line_errors
 
     try:
-        code = run_cv(cfg, list(HydraConfig.get().overrides.task))
-    except CVError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        with one_line_errors(code=2):  # CVError and the other expected errors: one line
+            code = run_cv(cfg, list(HydraConfig.get().overrides.task))
     except KeyboardInterrupt:  # while scoring: the scores written so far are kept, the rest done next time
         print("cv interrupted: run the same command again to finish", file=sys.stderr)
         sys.exit(130)

@@ -68,7 +68,7 @@ def datamodule_test_set(
         data_root,
         f"scoring its {split} split",
         "pass data_root=PATH, or score a folder with input=DIR",
-        cache_dir=cache_dir,
+        cache_dir=cache_dir,  # this run's: never the checkpoint's (kws_lightning/checkpoints.py)
         batch_size=batch_size,
         num_workers=num_workers,
         **extra,
@@ -301,7 +301,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from kws_lightning.stream_bench.clip_det import write_clip_det
 
     # ckpt_path=CKPT, or model_path= an exported .onnx (float or int8) / .pt, scored the same way.
-    predictor = Predictor.from_config(cfg.get("ckpt_path"), cfg.get("model_path"), cfg.device)
+    predictor = Predictor.from_config(
+        cfg.get("ckpt_path"), cfg.get("model_path"), cfg.device, trust_code=bool(cfg.get("trust_code", False))
+    )
     provenance = {} if cfg.get("model_path") else checkpoint_provenance(predictor.paths)
     split = cfg.get("split", "testing")
     if cfg.get("input"):
@@ -351,19 +353,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
-    from kws_lightning.data.extract import ArchiveError
-    from kws_lightning.data.fetch import DownloadError
-    from kws_lightning.data.index import DataLayoutError
+    from kws_lightning.utils.cli_errors import one_line_errors
 
-    try:
+    # A refused checkpoint, input=test_v0.0X that cannot be fetched, a data folder (root, extra training
+    # roots) not where the checkpoint says: one line naming the fix, exit status 1.
+    with one_line_errors(code=1):
         return evaluate(cfg)["accuracy"]
-    # input=test_v0.0X, or a data folder (root, extra training roots) not where the checkpoint says: one
-    # line naming the fix.
-    except (ArchiveError, DownloadError, DataLayoutError) as error:
-        import sys
-
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

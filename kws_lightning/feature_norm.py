@@ -5,7 +5,8 @@ Modes (``feature.normalize``):
 * ``none``: the features as computed, the seeds' exact numbers (on dev-set speech MFCC spans about -200..+40,
   log-mel -100..+23 dB, the log-spectrogram -23..-5).
 * ``per_utterance``: each clip's frequency bins are shifted and scaled to mean 0 / std 1 over its frames
-  (NeMo's ``normalize: per_feature``; cepstral mean and variance normalisation for MFCC). Stateless.
+  (NeMo's ``normalize: per_feature``; cepstral mean and variance normalisation for MFCC). Stateless. A bin
+  whose std over the clip is below ``eps`` is divided by eps rather than scaled up to 1 (see FeatureNorm).
 * ``dataset``: one per-bin mean and std for the whole data set, estimated once at fit start from a few
   thousand training clips (kws_lightning/feature_stats.py) and kept as buffers, so checkpoints and exports
   carry them and inference never re-estimates them. Until estimated they are 0 / 1 (the identity).
@@ -26,11 +27,16 @@ NORMALIZE_MODES: tuple[str, ...] = get_args(NormalizeMode)
 class FeatureNorm(nn.Module):
     """Normalises features (B, C, T, F) per frequency bin F; see the module docstring for the modes.
 
-    `eps` (NeMo's 1e-5) is added to a clip's standard deviation (``per_utterance``) or is the floor of the
-    data set's (``dataset``), so a constant bin (digital silence) maps to 0.
+    `eps`, in feature units (log power; dB for log-mel), floors the std a bin is divided by: the clip's
+    (``per_utterance``) or the data set's (``dataset``), so a constant bin (digital silence) maps to 0.
+    1e-2, not NeMo's 1e-5 added to the std: float32 features are resolved to ~1e-5..1e-4 (values up to
+    ~200), so a bin that barely moves over a clip (a steady tone's or a click train's; a log-spectrogram bin
+    at its eps floor) was its rounding noise scaled to unit variance, different in PyTorch and in an ONNX
+    export (issue 29: logits 0.04..1.0 apart on test tones). A bin whose std exceeds eps is scaled as before
+    but for the 1e-5 no longer added (the smallest per-clip MFCC std of 600 dev clips is 0.17).
     """
 
-    def __init__(self, mode: NormalizeMode = "none", num_bins: int | None = None, eps: float = 1e-5) -> None:
+    def __init__(self, mode: NormalizeMode = "none", num_bins: int | None = None, eps: float = 1e-2) -> None:
         super().__init__()
         if mode not in NORMALIZE_MODES:
             raise ValueError(
@@ -75,12 +81,13 @@ class FeatureNorm(nn.Module):
             return features
         if self.mode == "per_utterance":
             # Over time (dim -2), per bin. The second centring pass removes the first mean's rounding error
-            # (~1e-7 of the values), which 1 / eps would blow up in a constant bin (digital silence, -23 in
-            # log-spectrogram units) to O(0.1), and differently in an exported graph.
+            # (~1e-7 of the values) from a constant bin (digital silence, -23 in log-spectrogram units).
+            # Population variance: one frame gives 0.
             centred = features - features.mean(dim=-2, keepdim=True)
             centred = centred - centred.mean(dim=-2, keepdim=True)
-            std = centred.square().mean(dim=-2, keepdim=True).sqrt()  # population std: one frame gives 0
-            return centred / (std + self.eps)
+            # The floor goes on the variance, so sqrt never sees 0 (a finite gradient for a silent bin).
+            variance = centred.square().mean(dim=-2, keepdim=True)
+            return centred / variance.clamp_min(self.eps**2).sqrt()
         # The buffers follow .half() / .double(); the features keep the front end's compute dtype. No eps
         # here: set_statistics floors std at eps, and the unestimated 0 / 1 are then an exact identity.
         return (features - self.mean.to(features.dtype)) / self.std.to(features.dtype)

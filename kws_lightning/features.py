@@ -1,20 +1,29 @@
 """Feature front ends: raw 16 kHz waves (B, N) -> features (B, 1, T, F), time x frequency.
 
 Each front end is an ``nn.Module`` so it lives inside the model (``KWSModel = frontend + net``): checkpoints
-take raw audio, and train / eval / export can never disagree on features. Everything is batched tensor code
+take raw audio, and train / eval / export can never disagree on features (beyond float32's resolution:
+training steps run float32 DFTs, below). Everything is batched tensor code
 (``torch.stft`` / ``torch.fft``), so it runs on whatever device the waves are on. Filter banks and windows are
 non-persistent buffers: ``.to(device)`` moves them, and they are rebuilt from the hyper-parameters rather
 than stored in checkpoints.
 
 Numbers match the seeds' librosa / scipy recipes; ``tests/test_features.py`` states and checks the tolerances.
-The computation runs in float32 (float64 after ``.double()``; still float32 after ``.half()``) with autocast
-disabled, because power spectra overflow float16.
+The DFTs (STFT, and the log-spectrogram's resampling FFT) run in float64 and the power spectrum is then
+rounded to the compute dtype: float32 (float64 after ``.double()``; still float32 after ``.half()``), with
+autocast disabled, because power spectra overflow float16. A float32 DFT's rounding error is ~1e-7 of the
+frame's strongest bin, so a band 80+ dB below it (a tone's or chirp's far bands; 0.05% of real speech's)
+had no correct digits: its log was noise, different in every FFT implementation, which a trained network
+or per-utterance normalisation amplified (an ONNX export 0.04..1.0 off PyTorch in the logits on test
+tones, issue 29). In float64 every band is right to float32 rounding and the two DFT paths below round to
+the same float32 power spectrum. Cost, one CPU thread: the front end ~3-5x (batch 128: MFCC 6,000 ->
+~1,000 clips/s), a TC-ResNet14 forward at batch 64 1.6x; so training steps keep float32 DFTs
+(`float32_dfts`), and their features differ only in those far bands.
 
 ``export_friendly(model)`` switches the front ends to DFTs written as matrix products (no ``torch.stft`` /
 ``torch.fft``) for ONNX export: ONNX Runtime's own DFT is float32-accurate to only ~1e-5 of the peak bin
 (and ~3e-3 for a 16000-point resampling FFT), which the log features amplify (MFCC off by up to 0.09).
-The matmul DFTs are the FFT path's arithmetic up to rounding (tests/test_export.py: < 1e-9 in float64;
-in float32 mel power within 1e-4 of each clip's peak, features as close to float64 as the FFT path's).
+The matmul DFTs are the FFT path's arithmetic up to float64 rounding (tests/test_export.py: < 1e-9 after
+``.double()``; in float32 the features agree with the FFT path's to float32 rounding).
 
 Every front end ends in a `FeatureNorm` (kws_lightning/feature_norm.py; ``normalize``: ``none``, the default
 of the classes and the seeds' exact numbers; ``per_utterance``; ``dataset``). The conf/feature configs set
@@ -26,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal, get_args
 
 import librosa
@@ -53,6 +62,7 @@ __all__ = [
     "LogSpectrogram",
     "MelPowerSpectrogram",
     "export_friendly",
+    "float32_dfts",
     "output_shape",
     "takes_bank_warp",
 ]
@@ -85,8 +95,12 @@ def _exact(buffer: torch.Tensor, exact64: torch.Tensor) -> torch.Tensor:
     """
     if buffer.dtype == torch.float32:
         return buffer
-    dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
-    return exact64.to(device=buffer.device, dtype=dtype)
+    return exact64.to(device=buffer.device, dtype=_compute_dtype(buffer))
+
+
+def _compute_dtype(buffer: torch.Tensor) -> torch.dtype:
+    """float64 for a module converted with .double(), else float32 (.half() too: see `_exact`)."""
+    return torch.float64 if buffer.dtype == torch.float64 else torch.float32
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -175,6 +189,23 @@ def export_friendly(module: nn.Module, enabled: bool = True) -> nn.Module:
     return module
 
 
+@contextlib.contextmanager
+def float32_dfts(module: nn.Module) -> Iterator[None]:
+    """Inside the block, the front ends in `module` run their DFTs in float32: training steps
+    (kws_lightning/module.py), where a float64 STFT made a TC-ResNet14 step (batch 100) 1.6-1.8x slower on
+    the CPU, and the noise float32 leaves in bands 80+ dB below a frame's peak teaches nothing (0.05% of
+    bands in 600 dev clips are that far down). Everything a user runs (validation, test, eval, predict,
+    listen, serve, streaming, exports) keeps the float64 DFTs of the module docstring."""
+    fronts = [sub for sub in module.modules() if hasattr(sub, "float32_dft")]
+    for sub in fronts:
+        sub.float32_dft = True
+    try:
+        yield
+    finally:
+        for sub in fronts:
+            sub.float32_dft = False
+
+
 class MelPowerSpectrogram(nn.Module):
     """Mel power spectrogram (B, N) -> (B, T, n_mels), equal to ``librosa.feature.melspectrogram``.
 
@@ -211,9 +242,11 @@ class MelPowerSpectrogram(nn.Module):
         self._window64 = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
         self.register_buffer("window", self._window64.float(), persistent=False)
         self.matmul_dft = False  # export_friendly() sets it
+        self.float32_dft = False  # float32_dfts() sets it
 
     def _power_matmul(self, waves: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """|STFT|^2 (B, n_fft // 2 + 1, T) as torch.stft(center=True) computes it, with matmul DFTs."""
+        """|STFT|^2 (B, n_fft // 2 + 1, T) as torch.stft(center=True) computes it, with matmul DFTs (in the
+        dtype of `waves` and `window`)."""
         pad = self.n_fft // 2
         padded = nn.functional.pad(waves.unsqueeze(1), (pad, pad), mode=self.pad_mode).squeeze(1)
         frames = padded.unfold(-1, self.n_fft, self.hop_length) * window  # (B, T, n_fft)
@@ -222,13 +255,16 @@ class MelPowerSpectrogram(nn.Module):
 
     def forward(self, waves: torch.Tensor, bank_warp: FilterBankWarp | None = None) -> torch.Tensor:
         _check_waves(waves, type(self).__name__, self.min_samples)
-        window = _exact(self.window, self._window64)
+        dtype = _compute_dtype(self.window)
+        # The DFTs run in float64 (module docstring) on the exact window; `window` sets device and dtype.
+        dft_dtype = dtype if self.float32_dft else torch.float64
+        window = _exact(self.window, self._window64) if self.float32_dft else self._window64.to(waves.device)
         with _no_autocast(waves.device):
             if self.matmul_dft:
-                power = self._power_matmul(waves.to(window.dtype), window)
+                power = self._power_matmul(waves.to(dft_dtype), window)
             else:
                 spec = torch.stft(
-                    waves.to(window.dtype),
+                    waves.to(dft_dtype),
                     n_fft=self.n_fft,
                     hop_length=self.hop_length,
                     win_length=self.n_fft,
@@ -241,6 +277,9 @@ class MelPowerSpectrogram(nn.Module):
                 # into the first square (same values bit for bit, one (B, F, T) buffer less: 1.35x faster on
                 # the CPU).
                 power = spec.real.square().add_(spec.imag.square())
+            # Rounded once, after the squares: a sum of non-negative terms (the mel bands) is accurate
+            # to its own rounding in float32, whatever its dynamic range.
+            power = power.to(dtype)
             basis = _exact(self.mel_basis, self._mel_basis64)
             if bank_warp is not None:
                 basis = bank_warp(basis, waves.shape[0], self.sample_rate)
@@ -260,12 +299,9 @@ class MFCC(nn.Module):
     (librosa's old ``filters.dct(n_mfcc, n_mels)`` = ``scipy.fft.dct(type=2, norm='ortho')``), per frame.
 
     Tolerance (tests/test_features.py, vs librosa in float64): max |diff| <= 1e-3 over every coefficient on
-    real speech, noise, clicks, a clipped sine and digital silence (measured <= 5e-5; values span about
-    -100..+20). The float32 STFT limits it: its rounding error is ~1e-7 of the frame's largest FFT bin, so
-    a mel band 100+ dB below that has no correct digits, its log is off by units and the DCT spreads the
-    error over all coefficients. Real (int16) audio never gets there; a pure synthetic chirp does (bands
-    150 dB down), so for it the test compares log-mel bands within 80 dB of the clip's max (<= 1e-3,
-    measured 2e-4). After ``.double()`` it matches to < 1e-9.
+    real speech, noise, clicks, a clipped sine, a pure chirp (mel bands 150 dB below its peak) and digital
+    silence (measured <= 5.2e-5; values span about -100..+20): the float64 STFT (module docstring) gets
+    every band right, however far below the frame's peak. After ``.double()`` it matches to < 1e-9.
     """
 
     def __init__(
@@ -321,9 +357,8 @@ class LogMel(nn.Module):
     disables it).
 
     Tolerance (vs librosa in float64): max |diff| <= 2e-3 dB where the reference is within 60 dB of the
-    clip's max, and <= 1e-2 dB everywhere (measured <= 3.4e-4 / 8e-4 dB, on a pure chirp; <= 1e-4 on
-    speech). The float32 STFT's rounding error (~1e-7 of the frame's largest bin) matters only for bands
-    far below the peak, and the top_db floor caps how far below that can be. After ``.double()``: < 1e-9.
+    clip's max, and <= 1e-2 dB everywhere (measured <= 7e-6 dB on speech and synthetic signals, a pure
+    chirp included). After ``.double()``: < 1e-9.
     """
 
     def __init__(
@@ -383,9 +418,8 @@ class LogSpectrogram(nn.Module):
     20 ms / 10 ms give 160 / 80 samples, so (B, 1, 99, 81) for 1 s (no padding: T = 1 + (M - 160) // 80).
 
     Tolerance (vs scipy in float64): max |diff| <= 2e-3 where the spectrum is within 80 dB of the clip's
-    max, and <= 5e-3 everywhere (measured <= 4.8e-4 on a clipped sine, <= 7e-5 on speech). The float32
-    FFTs (whole-clip resampling, then per frame) limit it; ``eps`` = 1e-10 keeps the log of near-empty
-    bins from amplifying their rounding error. After ``.double()``: < 1e-9.
+    max, and <= 5e-3 everywhere (measured <= 1.1e-6 on speech and synthetic signals; the FFTs, whole-clip
+    resampling then per frame, run in float64). After ``.double()``: < 1e-9.
     """
 
     def __init__(
@@ -412,6 +446,7 @@ class LogSpectrogram(nn.Module):
         self.density_scale = 1.0 / (target_sample_rate * float(self._window64.pow(2).sum()))
         self.register_buffer("window", self._window64.float(), persistent=False)
         self.matmul_dft = False  # export_friendly() sets it
+        self.float32_dft = False  # float32_dfts() sets it
         # Shortest clip whose resampled length holds one window (searched, as the length rounds down).
         self.min_samples = int(np.ceil(self.nperseg * sample_rate / target_sample_rate))
         while self.resampled_length(self.min_samples) < self.nperseg:
@@ -458,16 +493,19 @@ class LogSpectrogram(nn.Module):
 
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         _check_waves(waves, type(self).__name__, self.min_samples)
-        window = _exact(self.window, self._window64)
+        dtype = _compute_dtype(self.window)
+        # The DFTs run in float64 (module docstring) on the exact window; `window` sets device and dtype.
+        dft_dtype = dtype if self.float32_dft else torch.float64
+        window = _exact(self.window, self._window64) if self.float32_dft else self._window64.to(waves.device)
         with _no_autocast(waves.device):
-            x = self.resample(waves.to(window.dtype))
+            x = self.resample(waves.to(dft_dtype))
             frames = x.unfold(-1, self.nperseg, self.step) * window  # (B, T, nperseg)
             if self.matmul_dft:
                 re, im = _rdft_direct(frames, self.nperseg // 2 + 1)
             else:
                 spec = torch.fft.rfft(frames)
                 re, im = spec.real, spec.imag
-            power = (re.square() + im.square()) * self.density_scale
+            power = ((re.square() + im.square()) * self.density_scale).to(dtype)
             one_sided = torch.full((power.shape[-1],), 2.0, dtype=power.dtype, device=power.device)
             one_sided[0] = 1.0
             if self.nperseg % 2 == 0:

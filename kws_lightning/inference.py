@@ -157,11 +157,20 @@ class Predictor:
         )
 
     @classmethod
-    def from_exported(cls, path: str | Path, threads: int | None = None) -> Predictor:
+    def from_exported(
+        cls, path: str | Path, threads: int | None = None, trust_code: bool = False
+    ) -> Predictor:
         """An exported model (.onnx, int8 or float, or TorchScript .pt from `kws_lightning.export`), with
-        the class names, input format and data config its metadata carries."""
-        from kws_lightning.export import ExportedRunner
+        the class names, input format and data config its metadata carries. A TorchScript file is code
+        (loading it runs what it holds): refused unless `trust_code`."""
+        from kws_lightning.export import FORMATS, ExportedRunner
 
+        if Path(path).suffix == FORMATS["torchscript"] and not trust_code:
+            raise CheckpointError(
+                f"model_path={path} is TorchScript, a program rather than data: loading it runs the code it "
+                "holds, which may read or write any file. Load it only if you exported it yourself: add "
+                "trust_code=true; or use an ONNX export (format=onnx), which is read as data"
+            )
         runner = ExportedRunner(path, threads)
         meta = runner.metadata
         config = {"data": meta["data"]} if meta.get("data") else {}
@@ -175,13 +184,15 @@ class Predictor:
         )
 
     @classmethod
-    def from_config(cls, ckpt_path: Any, model_path: Any = None, device: str = "auto") -> Predictor:
-        """`ckpt_path=` (one checkpoint or a list) or `model_path=` (an exported model), from a command's
-        settings; exactly one of them."""
+    def from_config(
+        cls, ckpt_path: Any, model_path: Any = None, device: str = "auto", trust_code: bool = False
+    ) -> Predictor:
+        """`ckpt_path=` (one checkpoint or a list) or `model_path=` (an exported model; a TorchScript one
+        only with `trust_code`), from a command's settings; exactly one of them."""
         if model_path:
             if ckpt_path not in (None, "", "???"):
                 raise CheckpointError("give ckpt_path or model_path, not both")
-            return cls.from_exported(str(model_path))
+            return cls.from_exported(str(model_path), trust_code=trust_code)
         if ckpt_path in (None, "", "???"):
             raise CheckpointError(
                 "ckpt_path (a checkpoint from kws_lightning.train) or model_path (an exported .onnx / .pt) "

@@ -35,6 +35,10 @@ MIC_HINT = "pip install 'kws-lightning[mic]'"
 FILE_CHUNK_SECONDS = 30.0  # bounds the memory of one batch of windows for long files
 
 
+class MicrophoneError(RuntimeError):
+    """input=mic cannot work here (sounddevice or PortAudio missing); the message says how to get it."""
+
+
 @dataclass(frozen=True)
 class Detection:
     time_s: float  # end of the latest window when the keyword was recognised (stream time, causal)
@@ -208,9 +212,9 @@ def import_sounddevice() -> Any:
     try:
         import sounddevice
     except ImportError:
-        raise RuntimeError(f"input=mic needs the sounddevice package: {MIC_HINT}") from None
+        raise MicrophoneError(f"input=mic needs the sounddevice package: {MIC_HINT}") from None
     except OSError as error:  # sounddevice is installed but the PortAudio library is not
-        raise RuntimeError(
+        raise MicrophoneError(
             f"input=mic: sounddevice cannot load PortAudio ({error}); install it, e.g. "
             "apt-get install libportaudio2, or brew install portaudio"
         ) from None
@@ -276,7 +280,9 @@ def listen(cfg: DictConfig) -> list[Detection]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     # ckpt_path=CKPT, or model_path= an exported model (.onnx float or int8, .pt): it runs whole windows.
-    predictor = Predictor.from_config(cfg.get("ckpt_path"), cfg.get("model_path"), cfg.device)
+    predictor = Predictor.from_config(
+        cfg.get("ckpt_path"), cfg.get("model_path"), cfg.device, trust_code=bool(cfg.get("trust_code", False))
+    )
     # Settings given on the command line, else those tuned into the checkpoint (or export), else TF's.
     settings, source = predictor_settings(cfg, predictor)
     log.info("detector settings (%s): %s", source, settings.to_dict())
@@ -302,18 +308,11 @@ def listen(cfg: DictConfig) -> list[Detection]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="listen")
 def main(cfg: DictConfig) -> None:
-    from kws_lightning.data.audio_io import AudioReadError
+    from kws_lightning.utils.cli_errors import one_line_errors
 
-    try:
+    # An unreadable file (broken link, truncated, ...), a refused checkpoint: one line, exit status 2.
+    with one_line_errors(code=2, extra=(MicrophoneError,)):
         listen(cfg)
-    except AudioReadError as error:  # names the file and why (broken link, truncated, ...): no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as error:
-        if MIC_HINT in str(error) or "PortAudio" in str(error):
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-        raise
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kws_lightning.distill import Teachers
-from kws_lightning.features import takes_bank_warp
+from kws_lightning.features import float32_dfts, takes_bank_warp
 from kws_lightning.mixup import Mixup
 from kws_lightning.vtlp import VTLP
 
@@ -133,8 +133,9 @@ class KWSLightningModule(pl.LightningModule):
         frontend, net = getattr(self.model, "frontend", None), getattr(self.model, "net", None)
         if frontend is None or net is None:
             return self(waves), None
-        # = self.model(waves) when SpecAugment and VTLP are off (KWSModel.forward)
-        features = frontend(waves) if self.vtlp is None else frontend(waves, bank_warp=self.vtlp)
+        # = self.model(waves) when SpecAugment and VTLP are off (KWSModel.forward), with float32 DFTs
+        with float32_dfts(frontend):
+            features = frontend(waves) if self.vtlp is None else frontend(waves, bank_warp=self.vtlp)
         return net(features if self.spec_augment is None else self.spec_augment(features)), features
 
     def training_step(
@@ -202,14 +203,33 @@ class KWSLightningModule(pl.LightningModule):
             raise ValueError(
                 "KWSLightningModule has no optimizer: pass optimizer=partial(torch.optim.SGD, lr=...)"
             )
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self._param_groups())
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
-        kwargs = {}
-        if getattr(self.scheduler_factory, "keywords", {}).get("total_steps", 0) is None:
+        kwargs: dict[str, Any] = {}
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        if keywords.get("total_steps", 0) is None:
             kwargs["total_steps"] = self._total_steps()
+        if isinstance(keywords.get("max_lr"), int | float):  # OneCycleLR would give every group one peak
+            kwargs["max_lr"] = [keywords["max_lr"] * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
         scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self) -> Any:
+        """The parameters, in one group; a submodule with a `param_group_lr_scale` (a fine-tuned speech
+        embedding, kws_lightning/speech_embedding.py) gets its own group at that share of the rate."""
+        scaled = [
+            (m, m.param_group_lr_scale)
+            for m in self.model.modules()
+            if getattr(m, "param_group_lr_scale", None) is not None
+        ]
+        if not scaled:
+            return self.parameters()
+        taken = {id(p) for m, _ in scaled for p in m.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in taken]}]
+        return groups + [{"params": list(m.parameters()), "lr_scale": scale} for m, scale in scaled]
 
     def _total_steps(self) -> int:
         total = self.trainer.estimated_stepping_batches

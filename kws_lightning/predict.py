@@ -11,18 +11,25 @@ posteriors); a file longer than `max_clip_s` is cropped to its centre (the windo
 Both are listed in ``data_issues.csv`` in the run dir (path, action, reason; never next to `out`, never
 deleting anything there). The command exits with status 3 when any file failed (unless
 ``strict=false``) and whenever every file failed.
+
+`out` is checked before anything is decoded: a folder, one of the input clips or an existing file that is
+not a .csv is refused (``force=true`` replaces the last two).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
+
+from kws_lightning.utils.cli_errors import UsageError
 
 log = logging.getLogger(__name__)
 EXIT_INPUT_FAILED = 3  # some (strict) or all input files could not be used
@@ -31,6 +38,30 @@ EXIT_INPUT_FAILED = 3  # some (strict) or all input files could not be used
 def output_path(cfg: DictConfig) -> Path:
     """`out` as given (relative to the launch directory), or submission.csv in the run dir."""
     return Path(cfg.out).expanduser() if cfg.get("out") else Path(cfg.paths.output_dir) / "submission.csv"
+
+
+def check_output(out: Path, input_dir: str | Path, names: Sequence[str], force: bool = False) -> None:
+    """Refuse, before any clip is decoded, an `out` the submission could not be written to (a folder, a
+    folder it cannot write in) or would destroy: one of the input clips `names` of `input_dir`, or any
+    existing file that is not a .csv (a previous submission is replaced). `force` allows the last two."""
+    if out.is_dir():
+        raise UsageError(f"out={out} is a folder: name the file to write, e.g. out={out / 'submission.csv'}")
+    if out.exists() and not force:
+        target = out.resolve()
+        if target.parent == Path(input_dir).expanduser().resolve() and target.name in set(names):
+            raise UsageError(
+                f"out={out} is one of the input clips: writing the submission would replace it. Choose "
+                "another file (outside the input folder), or pass force=true"
+            )
+        if target.suffix.lower() != ".csv":
+            raise UsageError(
+                f"out={out} exists and is not a .csv file: writing the submission would replace it. "
+                "Choose another file name, or pass force=true to replace it"
+            )
+    folder = out.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"out={out}: cannot write in {folder} (permission denied): choose another folder")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -57,6 +88,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("input"):
         raise ValueError("input is required: input=DIR, a folder of .wav clips (e.g. Kaggle's test/audio)")
     files = index_unlabeled(cfg.input)
+    if cfg.get("out"):  # the default, <run dir>/submission.csv, is in a new folder: nothing to check
+        check_output(output_path(cfg), cfg.input, files["fname"].tolist(), bool(cfg.get("force", False)))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     predictor = Predictor.from_checkpoints(checkpoint_paths(cfg.ckpt_path), cfg.device)
@@ -143,7 +176,11 @@ def input_failure(summary: dict[str, Any], strict: bool) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    problem = input_failure(predict(cfg), bool(cfg.get("strict", True)))
+    from kws_lightning.utils.cli_errors import one_line_errors
+
+    with one_line_errors(code=2):
+        summary = predict(cfg)
+    problem = input_failure(summary, bool(cfg.get("strict", True)))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_INPUT_FAILED)

@@ -75,9 +75,14 @@ def frontend_nodes(proto: Any) -> list[str]:
 
 
 def calibration_waves(
-    predictor: Any, count: int = 400, seed: int = 0, data_root: str | None = None
+    predictor: Any,
+    count: int = 400,
+    seed: int = 0,
+    data_root: str | None = None,
+    cache_dir: str | None = None,
 ) -> np.ndarray:
-    """`count` float training inputs (count, clip_samples), drawn and augmented as training draws them."""
+    """`count` float training inputs (count, clip_samples), drawn and augmented as training draws them;
+    decoded into this run's `cache_dir` (None: in memory), never the checkpoint's."""
     import torch
 
     from kws_lightning.checkpoints import stored_datamodule
@@ -88,6 +93,7 @@ def calibration_waves(
         data_root,
         "quantize=int8 (calibration on its training clips)",
         "pass calibration_root=PATH, the data set it was trained on",
+        cache_dir=cache_dir,
         num_workers=0,
     )
     datamodule.prepare_data()
@@ -106,12 +112,15 @@ def calibration_waves(
 
 
 class WaveReader:
-    """onnxruntime's CalibrationDataReader over calibration waves, `batch` clips per call."""
+    """onnxruntime's CalibrationDataReader over calibration waves, in batches of equal size: the largest
+    divisor of the clip count up to `batch` (onnxruntime's percentile collector stacks every batch's
+    activations into one array, which a shorter last batch made ragged: calibration_clips=20 failed with
+    "setting an array element with a sequence"). The ranges do not depend on how the clips are batched."""
 
     def __init__(self, input_name: str, waves: np.ndarray, batch: int = 16) -> None:
         self.input_name = input_name
         self.waves = waves
-        self.batch = batch
+        self.batch = max((d for d in range(1, min(batch, len(waves)) + 1) if len(waves) % d == 0), default=1)
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:

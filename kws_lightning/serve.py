@@ -4,7 +4,6 @@ and a live microphone page; the app, its protocol and concurrency design are in 
 from __future__ import annotations
 
 import socket
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -24,11 +23,13 @@ def serve(cfg: DictConfig) -> None:
     from kws_lightning.inference import Predictor
     from kws_lightning.stream_bench.settings import predictor_settings
 
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    predictor = Predictor.from_config(cfg.get("ckpt_path"), cfg.get("model_path"), "cpu")
     fields = ServeSettings.__dataclass_fields__
     settings = ServeSettings(**{name: cfg[name] for name in fields if cfg.get(name) is not None})
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    predictor = Predictor.from_config(
+        cfg.get("ckpt_path"), cfg.get("model_path"), "cpu", trust_code=bool(cfg.get("trust_code", False))
+    )
     # As listen: settings given here, else those tuned into the checkpoint (or export), else TF's defaults.
     detector, source = predictor_settings(cfg, predictor)
     print(f"detector settings ({source}): {detector.to_dict()}", flush=True)
@@ -52,13 +53,11 @@ def serve(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
-    from kws_lightning.checkpoints import CheckpointError
+    from kws_lightning.utils.cli_errors import one_line_errors
 
-    try:
+    # A bad setting, a missing extra or a busy port (each names the fix), a missing file: one line too.
+    with one_line_errors(code=2, extra=(RuntimeError, FileNotFoundError, ValueError)):
         serve(cfg)
-    except (CheckpointError, RuntimeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -11,24 +11,18 @@ then uses by default. The work is in `kws_lightning/stream_bench/`.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="stream_eval")
 def main(cfg: DictConfig) -> float:
-    from kws_lightning.checkpoints import CheckpointError
-    from kws_lightning.data.audio_io import AudioReadError
-    from kws_lightning.data.index import DataLayoutError
     from kws_lightning.stream_bench.runner import run
+    from kws_lightning.utils.cli_errors import one_line_errors
 
-    try:
+    # Its settings' checks raise ValueError naming the setting: one line too.
+    with one_line_errors(code=2, extra=(ValueError,)):
         metrics = run(cfg)
-    except (AudioReadError, CheckpointError, DataLayoutError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     return metrics["results"]["all"]["sweep"]["miss_rate_at_fa_per_hour"]["1"]
 
 

@@ -4,7 +4,8 @@ Reads every `job_result.json` under the sweep folder (each job writes one, faile
 `sweep_summary.csv` and `sweep_summary.md` there, printing the Markdown table; when the jobs vary `seed`, a
 second table has one row per configuration, mean ± std over its seeds (kws_lightning/sweep_groups.py, also
 `sweep_summary_groups.csv`). Also runs by itself at the end of every multirun (the Hydra callback
-`SweepSummary`, configured in conf/hydra/default.yaml).
+`SweepSummary`, configured in conf/hydra/default.yaml), and when a signal stops the sweep (`run_job`). Jobs
+the sweep planned but never started (read from `multirun.yaml`) are listed as "not started".
 
     python -m kws_lightning.sweep_summary logs/train/multiruns/2026-01-01_12-00-00
     python -m kws_lightning.sweep_summary DIR --metric val/loss --direction min
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
+import logging
 import math
 import sys
 from collections import Counter
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from kws_lightning.sweep_groups import (
     GROUP_COLUMNS,
@@ -32,11 +36,21 @@ from kws_lightning.sweep_groups import (
     groups_markdown,
     varies_seed,
 )
-from kws_lightning.utils.job_result import FILENAME, INTERRUPTED, OK, JobResult, read_job_result
+from kws_lightning.utils.job_result import (
+    FILENAME,
+    INTERRUPTED,
+    NOT_STARTED,
+    OK,
+    JobResult,
+    read_job_result,
+)
+
+log = logging.getLogger(__name__)
 
 CSV_NAME = "sweep_summary.csv"
 MARKDOWN_NAME = "sweep_summary.md"
 COLUMNS = ("rank", "job", "status", "value", "best_step", "wall_time_s", "params", "overrides", "error")
+PLAN_NAME = "multirun.yaml"  # the sweep's config, saved by Hydra's sweeper before the first job
 
 
 @dataclass
@@ -90,7 +104,8 @@ def rank_jobs(results: Sequence[tuple[str, JobResult]], direction: str) -> list[
 
 
 def common_overrides(results: Sequence[tuple[str, JobResult]]) -> list[str]:
-    """The overrides every job shares (shown once above the table, not in every row)."""
+    """The overrides every job that ran shares (shown once above the table, not in every row)."""
+    results = [item for item in results if item[1].status != NOT_STARTED]  # a search's have none
     if len(results) < 2:
         return []
     shared = set.intersection(*(set(r.overrides) for _, r in results))
@@ -130,9 +145,11 @@ def markdown(
 ) -> str:
     # Interrupted jobs (SIGINT/SIGTERM) are not failures: they resume from their last.ckpt.
     interrupted = sum(row.result.status == INTERRUPTED for row in rows)
-    failed = sum(row.result.status not in (OK, INTERRUPTED) for row in rows)
-    counts = f"{len(rows) - failed - interrupted} ok, {failed} failed"
+    not_started = sum(row.result.status == NOT_STARTED for row in rows)
+    failed = sum(row.result.status not in (OK, INTERRUPTED, NOT_STARTED) for row in rows)
+    counts = f"{len(rows) - failed - interrupted - not_started} ok, {failed} failed"
     counts += f", {interrupted} interrupted" if interrupted else ""
+    counts += f", {not_started} not started" if not_started else ""
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
@@ -167,6 +184,8 @@ def summarize(
         results = [(job, _revalue(result, metric)) for job, result in results]
     metric = metric or metric_name(results)
     direction = direction or guess_direction(metric)
+    started = results
+    results = [*results, *not_started_jobs(sweep_dir, results, metric)]
     rows = rank_jobs(results, direction)
     with open(sweep_dir / CSV_NAME, "w", newline="") as handle:
         # The CSV keeps every job's full override list; the Markdown shows only what differs between jobs.
@@ -177,9 +196,9 @@ def summarize(
             writer.writerow({**row_cells(row), "overrides": overrides, "metric": metric or ""})
     common = common_overrides(sorted(results, key=_job_order))
     text = markdown(rows, metric, direction, sweep_dir, common)
-    if varies_seed(results):
+    if varies_seed(started):
         # Jobs differing only in `seed`: a row per configuration, mean ± std (kws_lightning/sweep_groups.py).
-        groups = group_jobs(results, direction, common)
+        groups = group_jobs(started, direction, common)
         text += groups_markdown(groups, metric)
         with open(sweep_dir / GROUPS_CSV_NAME, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=[*GROUP_COLUMNS, "metric"])
@@ -189,6 +208,48 @@ def summarize(
     if echo:
         print(text, end="", flush=True)
     return rows
+
+
+def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job's overrides as the sweep planned them, in job order, from `<sweep_dir>/multirun.yaml`:
+    the basic sweeper's grid (its `params` and the command line's sweeps), or `n_trials` jobs of unknown
+    overrides for a search (Optuna). None when the plan cannot be told."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = sweep_dir / PLAN_NAME
+    if not path.is_file():
+        return None
+    try:
+        hydra_cfg = OmegaConf.to_container(OmegaConf.load(path).hydra, resolve=False)
+        sweeper = hydra_cfg.get("sweeper") or {}
+        if str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+            parsed = OverridesParser.create().parse_overrides([*params, *hydra_cfg["overrides"]["task"]])
+            # The basic sweeper's grid: the product of each key's values, in order (a later key wins).
+            values: dict[str, list[str]] = {}
+            for override in parsed:
+                key = override.get_key_element()
+                swept = override.sweep_string_iterator() if override.is_sweep_override() else None
+                values[key] = [f"{key}={value}" for value in swept or [override.get_value_element_as_str()]]
+            return [list(job) for job in itertools.product(*values.values())]
+        trials = sweeper.get("n_trials")
+        return [[] for _ in range(trials)] if isinstance(trials, int) else None
+    except Exception as error:  # the summary of what did run is written anyway
+        log.warning("cannot tell the jobs %s planned (%s): jobs never started are not listed", path, error)
+        return None
+
+
+def not_started_jobs(
+    sweep_dir: Path, results: Sequence[tuple[str, JobResult]], metric: str | None
+) -> list[tuple[str, JobResult]]:
+    """A `NOT_STARTED` row for each job the sweep planned (`planned_jobs`) that left no result."""
+    planned = planned_jobs(sweep_dir) or []
+    done = {_job_order(item)[0] for item in results}
+    return [
+        (str(number), JobResult(NOT_STARTED, metric, None, overrides=overrides, job_num=number))
+        for number, overrides in enumerate(planned)
+        if number not in done
+    ]
 
 
 def _revalue(result: JobResult, metric: str) -> JobResult:
@@ -204,17 +265,22 @@ class SweepSummary(Callback):
     """
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir() or next(sweep_dir.rglob(FILENAME), None) is None:
-            return
-        direction = None
-        # The Optuna sweeper's (maximize / minimize, a string or its Direction enum); else from the name.
-        sweeper_direction = config.hydra.sweeper.get("direction")
-        sweeper_direction = getattr(sweeper_direction, "name", sweeper_direction)
-        if isinstance(sweeper_direction, str):
-            direction = "max" if sweeper_direction.lower().startswith("max") else "min"
-        summarize(sweep_dir, direction=direction)
-        print(f"sweep summary: {sweep_dir / MARKDOWN_NAME} and {CSV_NAME}", flush=True)
+        summarize_sweep(config.hydra)
+
+
+def summarize_sweep(hydra_cfg: Any) -> None:
+    """The summary of the sweep `hydra_cfg` (Hydra's config node) runs, once it ended or was stopped."""
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    if not sweep_dir.is_dir() or next(sweep_dir.rglob(FILENAME), None) is None:
+        return
+    direction = None
+    # The Optuna sweeper's (maximize / minimize, a string or its Direction enum); else from the name.
+    sweeper_direction = hydra_cfg.sweeper.get("direction")
+    sweeper_direction = getattr(sweeper_direction, "name", sweeper_direction)
+    if isinstance(sweeper_direction, str):
+        direction = "max" if sweeper_direction.lower().startswith("max") else "min"
+    summarize(sweep_dir, direction=direction)
+    print(f"sweep summary: {sweep_dir / MARKDOWN_NAME} and {CSV_NAME}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -79,6 +79,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # The module logs torchmetrics results at epoch end, whose compute() has already summed the metric states
     # over all DDP processes: Lightning's advice to add sync_dist (a second, averaging reduction) is moot.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/")
+    # A frozen front end (feature=speech_embedding) keeps itself in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
     test_weights = cfg.get("test_weights", "best")
     if test_weights not in TEST_WEIGHTS:
@@ -119,8 +121,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     # Checkpoints are data, not code: resume opens its file with weights_only=True, checked first so a
-    # refused file is named with the reason (kws_lightning/checkpoints.py).
-    resume = check_resume_checkpoint(resume_path(cfg, trainer.default_root_dir))
+    # refused file, or one of another model, is named with the reason (kws_lightning/checkpoints.py).
+    resume = check_resume_checkpoint(resume_path(cfg, trainer.default_root_dir), module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     metrics = _floats(trainer.callback_metrics)
 
@@ -177,9 +179,12 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from kws_lightning.utils.cli_errors import one_line_errors
     from kws_lightning.utils.job_runner import run_job
 
-    return run_job(cfg, train, module_name="kws_lightning.train")
+    # Exit status 1, as for any failed run.
+    with one_line_errors(code=1):
+        return run_job(cfg, train, module_name="kws_lightning.train")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ training run, opened through every CLI (eval, predict, export, listen, train res
 Two kinds of payload: a pickled ``__reduce__`` object (it would create a marker file when unpickled) and a
 stored config whose ``_target_`` names something outside kws-lightning's registries (``numpy.savetxt``
 would write the marker; ``os.system`` / ``builtins.exec`` at other depths). Each must leave no marker,
-exit non-zero, and say which file is refused and why. The CLIs run with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1,
-the switch users set to open old checkpoints: an explicit ``weights_only=True`` must still win.
+exit non-zero, and say in one line (no traceback) which file is refused and why. The CLIs run with
+TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, the switch users set to open old checkpoints: an explicit
+``weights_only=True`` must still win.
+
+Also (issue 29): a checkpoint of another model is named before a resume starts, and a stored data config
+never chooses where files are written or deleted.
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ def assert_refused(result: subprocess.CompletedProcess, ckpt: Path, marker: Path
     assert not marker.exists(), "the checkpoint ran code"
     assert result.returncode != 0, result.stdout[-2000:]
     message = result.stderr[-4000:]
-    assert "CheckpointError" in message and f"checkpoint {ckpt} is refused" in message, message
+    # One line naming the file and why, not a traceback (kws_lightning/utils/cli_errors.py).
+    assert f"error: checkpoint {ckpt} is refused" in message and "Traceback" not in result.stderr, message
     for reason in reasons:
         assert reason in message, message
 
@@ -306,3 +311,80 @@ def test_checkpoint_payload_helpers_really_run_code(tiny_checkpoint: dict, tmp_p
     )
     instantiate(copy.deepcopy(stored["hyper_parameters"]["config"]["model"]["extra"]))
     assert marker.exists()
+
+
+def narrower_module(tiny_checkpoint: dict) -> KWSLightningModule:
+    """The tiny checkpoint's model at half its width (model.n_feature_maps=8): same names, other shapes."""
+    from kws_lightning.checkpoints import build_checkpoint_model
+
+    checkpoint = plain_checkpoint(tiny_checkpoint)
+    checkpoint["hyper_parameters"]["config"]["model"]["n_feature_maps"] = 8
+    model, hparams = build_checkpoint_model(checkpoint, tiny_checkpoint["ckpt"])
+    return KWSLightningModule(model, hparams["labels"])
+
+
+def test_resume_checks_the_weights_fit_the_model(tiny_checkpoint: dict) -> None:
+    """Before: Lightning's strict load failed with a RuntimeError listing tensor shapes, after the data was
+    prepared, naming neither the checkpoint nor the fix."""
+    ckpt = tiny_checkpoint["ckpt"]
+    same = KWSLightningModule.from_checkpoint(ckpt)
+    assert check_resume_checkpoint(ckpt, same) == ckpt
+    with pytest.raises(CheckpointError, match="belongs to another model or config") as narrower:
+        check_resume_checkpoint(ckpt, narrower_module(tiny_checkpoint))
+    assert str(ckpt) in str(narrower.value) and "other shapes model.net." in str(narrower.value)
+    assert "config_resolved.yaml" in str(narrower.value)
+    with pytest.raises(
+        CheckpointError, match=r"missing model\.weight, model\.bias \(2\); unexpected model\."
+    ):
+        check_resume_checkpoint(ckpt, KWSLightningModule(torch.nn.Linear(4, 3), ["a", "b", "c"]))
+
+
+def test_train_resume_into_another_model_is_one_line(
+    run_cli: Any, tiny_checkpoint: dict, tmp_path: Path
+) -> None:
+    ckpt = tiny_checkpoint["ckpt"]
+    result = run_cli(
+        "train",
+        *tiny_checkpoint["overrides"],
+        *TINY_TRAIN_OVERRIDES,
+        "model.n_feature_maps=8",  # the checkpoint's is 16
+        f"ckpt_path={ckpt}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert f"error: checkpoint {ckpt} belongs to another model or config" in result.stderr, result.stderr[
+        -3000:
+    ]
+    assert "Traceback" not in result.stderr and "Epoch" not in result.stdout
+
+
+def test_a_stored_data_config_never_chooses_where_files_go(tiny_checkpoint: dict, tmp_path: Path) -> None:
+    """Before: eval rebuilt the data module with the checkpoint's keep_caches (=1 here: every other cache in
+    the user's cache folder deleted), and export quantize=int8 decoded into the checkpoint's cache_dir. Now
+    the command's cache_dir is used, nothing is pruned, reported or downloaded where the file says."""
+    from kws_lightning.quantize import calibration_waves
+
+    checkpoint = plain_checkpoint(tiny_checkpoint)
+    data = checkpoint["hyper_parameters"]["config"]["data"]
+    stored_cache, stored_reports = tmp_path / "the_checkpoints_cache", tmp_path / "the_checkpoints_reports"
+    data.update(cache_dir=str(stored_cache), keep_caches=1, report_dir=str(stored_reports))
+    ckpt = tmp_path / "stored_paths.ckpt"
+    torch.save(checkpoint, ckpt)
+    mine = tmp_path / "my_cache"
+    others = [mine / f"waves-{name}" for name in ("other_project", "older_run")]
+    for folder in others:
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text("{}")  # a complete cache, as wave_cache marks one
+    # The session's synthetic speech (data=synthetic keeps it in the cache folder): not generated again.
+    shutil.copytree(tiny_checkpoint["cache_dir"], mine, dirs_exist_ok=True)
+    before = sorted(mine.iterdir())
+
+    predictor = Predictor.from_checkpoints(ckpt, "cpu")
+    test_set = datamodule_test_set(predictor, str(mine), 64, 0)
+    assert len(test_set.names) > 0
+    waves = calibration_waves(predictor, 8, cache_dir=str(mine))
+    assert waves.shape == (8, predictor.clip_samples)
+    assert set(before) <= set(mine.iterdir()), "the user's other caches were pruned"
+    assert not stored_cache.exists() and not stored_reports.exists()

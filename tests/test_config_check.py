@@ -115,6 +115,10 @@ BAD = [
     (["augment.noise.enabled=maybe"], "augment.noise.enabled", ["'maybe'", "expected bool"]),
     (["optimizer.lr=-1"], "optimizer.lr", ["optimizer.lr=-1", "a number > 0"]),
     (["optimizer.lr=abc"], "optimizer.lr", ["optimizer.lr='abc'", "a number > 0"]),
+    # NaN passes every comparison, inf every lower bound: refused wherever they appear.
+    (["optimizer.lr=nan"], "optimizer.lr", ["optimizer.lr=nan", "expected a finite number"]),
+    (["optimizer.lr=inf"], "optimizer.lr", ["optimizer.lr=inf", "expected a finite number"]),
+    (["data.clip_duration_s=inf"], "data.clip_duration_s", ["data.clip_duration_s=inf", "a finite number"]),
     (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas", ["optimizer.betas=[0.9]", "tuple["]),
     (["scheduler=cosine", "scheduler.warmup_steps=-5"], "scheduler.warmup_steps", [">= 0"]),
     (["trainer.max_epochs=abc"], "trainer.max_epochs", ["trainer.max_epochs='abc'", "int"]),
@@ -244,6 +248,7 @@ CLI_BAD = [
     (["feature.fmax=9000"], "feature.fmax=9000 is above the Nyquist frequency"),
     (["+data.batch_sise=3"], "data.batch_sise: SpeechCommandsDataModule has no parameter 'batch_sise'"),
     (["vtlp=default", "vtlp.p=2"], "vtlp.p=2: expected a number in [0, 1]"),
+    (["optimizer.weight_decay=nan"], "optimizer.weight_decay=nan: expected a finite number"),
 ]
 # One run reports every problem at once; data.sample_rate=0 needs a run of its own (the same key as above).
 CLI_RUNS = {
@@ -274,7 +279,10 @@ def test_train_cli_rejects_bad_values_before_reading_data(
         timeout=120,
     )
     assert result.returncode == 1, result.stdout[-2000:]
-    assert "ConfigError: invalid config" in result.stderr, result.stderr[-3000:]
+    # One message, no traceback (kws_lightning/utils/cli_errors.py).
+    assert "error: invalid config" in result.stderr and "Traceback" not in result.stderr, result.stderr[
+        -3000:
+    ]
     failed = json.loads((run_dir / "job_result.json").read_text())
     for _, message in cases:
         assert message in result.stderr, (message, result.stderr[-3000:])

@@ -153,3 +153,41 @@ def test_bad_format_and_output_are_clear_errors(tiny_checkpoint: dict, tmp_path:
         export_checkpoint(str(tiny_checkpoint["ckpt"]), "tflite", tmp_path / "m.tflite")
     with pytest.raises(ValueError, match=r"output='prob' unknown; valid: \['logits', 'probs'\]"):
         ExportedModel(nn.Identity(), "prob")
+
+
+def test_a_rejected_export_writes_nothing_at_out(
+    tiny_checkpoint: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is written beside `out` and renamed only once verified (issue 29: a failed export left its
+    file at `out`); here the exported model's outputs are made to differ from PyTorch's by 0.01."""
+    import kws_lightning.export as export_module
+
+    real_load = export_module.load_exported
+    monkeypatch.setattr(
+        export_module, "load_exported", lambda path, fmt: lambda waves: real_load(path, fmt)(waves) + 0.01
+    )
+    out = tmp_path / "kws.pt"
+    with pytest.raises(
+        RuntimeError, match=r"max \|diff\| 0\.01 > tolerance 0\.001.*nothing written to .*kws\.pt"
+    ):
+        export_checkpoint(str(tiny_checkpoint["ckpt"]), "torchscript", out, verify_clips=4, tolerance=1e-3)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_a_failed_int8_step_keeps_the_verified_float_file_only(
+    tiny_checkpoint: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kws_lightning.quantize as quantize
+
+    def broken(float_path: Path, out: Path, *args: object) -> None:
+        Path(out).write_bytes(b"half a model")
+        raise RuntimeError("quantiser crashed")
+
+    monkeypatch.setattr(quantize, "calibration_waves", lambda *a, **k: np.zeros((4, 16000), np.float32))
+    monkeypatch.setattr(quantize, "quantize_int8", broken)
+    with pytest.raises(RuntimeError, match="quantiser crashed"):
+        export_checkpoint(
+            str(tiny_checkpoint["ckpt"]), "onnx", tmp_path / "kws.onnx", verify_clips=4,
+            quantize="int8", calibration="minmax", tolerance=1e-3,
+        )  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["kws.onnx"]

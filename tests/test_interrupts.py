@@ -21,6 +21,8 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 from training_helpers import RepeatBatch, check_ok, make_trainer
 
+from kws_lightning.checkpoints import CheckpointError
+
 TESTS_DIR = Path(__file__).resolve().parent
 # 400 synthetic items a epoch at batch 16: 25 steps an epoch. The schedule changes the rate every step and
 # SpecAugment, mixup, the noise mixer and dropout all draw random numbers: a resume that re-seeded any
@@ -160,6 +162,11 @@ def test_sigterm_stops_a_sweep_and_records_the_job(tmp_path: Path, synthetic_ove
     saved = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
     assert saved["global_step"] == HOLD_STEP
     assert not (sweep_dir / "1").exists(), "the sweep went on after the signal"
+    # Hydra's end-of-sweep callback never runs: the summary is written on the way out, job 1 listed too
+    # (before: no summary; rebuilt by hand it said "1 jobs").
+    summary = (sweep_dir / "sweep_summary.md").read_text()
+    assert "2 jobs (0 ok, 0 failed, 1 interrupted, 1 not started)" in summary, summary
+    assert "| 1 | not started |" in summary and "optimizer.lr=0.003" in summary, summary
 
 
 def test_sweep_summary_counts_interrupted_jobs(tmp_path: Path) -> None:
@@ -180,7 +187,7 @@ def test_ckpt_path_words_resolve_to_the_newest_last_checkpoint(tmp_path: Path) -
     runs, here = tmp_path / "logs" / "train" / "runs", tmp_path / "logs" / "train" / "runs" / "now"
     here.mkdir(parents=True)
     assert resolve_ckpt_path("auto", here, runs) is None  # nothing yet: start fresh
-    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no last.ckpt under .*runs/\*/checkpoints"):
+    with pytest.raises(CheckpointError, match=r"ckpt_path=last: no last.ckpt under .*runs/\*/checkpoints"):
         resolve_ckpt_path("last", here, runs)
     older, newer = runs / "a" / "checkpoints" / "last.ckpt", runs / "b" / "checkpoints" / "last.ckpt"
     for index, path in enumerate((newer, older)):  # written in the other order than named
@@ -192,7 +199,7 @@ def test_ckpt_path_words_resolve_to_the_newest_last_checkpoint(tmp_path: Path) -
     stale.write_bytes(b"half")
     resolve_ckpt_path("last", here, runs)
     assert not stale.exists()
-    with pytest.raises(FileNotFoundError, match="ckpt_path=auto"):
+    with pytest.raises(CheckpointError, match="ckpt_path=auto"):
         resolve_ckpt_path("last", here, runs, in_sweep=True)  # a sweep job only resumes its own folder
     own = here / "checkpoints" / "last.ckpt"
     own.parent.mkdir()

@@ -241,3 +241,29 @@ def test_planted_keywords_with_a_trained_checkpoint(tmp_path: Path) -> None:
     print(f"\nplanted keywords, trained checkpoint: {figures}, false alarms in pure noise: {noise_alarms}")
     assert figures["hits"] >= figures["planted"] // 2
     assert figures["false_alarms"] <= figures["planted"] // 4 and noise_alarms <= 2
+
+
+@pytest.mark.parametrize("command", ["listen", "eval", "serve"])
+def test_a_torchscript_model_path_runs_only_with_trust_code(command: str, tmp_path: Path) -> None:
+    """Before: model_path=*.pt was loaded with torch.jit.load, i.e. its code ran (a scripted model could read
+    any file into its outputs). Now refused, naming trust_code=true, before the file is opened: with it,
+    this file (not TorchScript at all) gets as far as being read."""
+    from hydra import compose, initialize_config_dir
+
+    from kws_lightning.checkpoints import CheckpointError
+    from kws_lightning.eval import evaluate
+    from kws_lightning.listen import listen
+    from kws_lightning.serve import serve
+
+    run = {"listen": listen, "eval": evaluate, "serve": serve}[command]
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"a stranger's program")
+    overrides = [f"model_path={model}", "ckpt_path=null", f"paths.output_dir={tmp_path}"]
+    overrides += [f"input={tmp_path / 'long.wav'}"] if command == "listen" else []
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        refused = compose(command, overrides=overrides)
+        trusted = compose(command, overrides=[*overrides, "trust_code=true"])
+    with pytest.raises(CheckpointError, match=r"is TorchScript, a program .* add trust_code=true"):
+        run(refused)
+    with pytest.raises(ValueError, match="cannot be read as torchscript"):
+        run(trusted)

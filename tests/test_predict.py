@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from kws_lightning.data.audio_io import read_audio_int16
 from kws_lightning.inference import CheckpointError, Predictor, TTAConfig
 from kws_lightning.predict import predict
+from kws_lightning.utils.cli_errors import UsageError
 
 
 def flat_folder(data_root: Path, out: Path, count: int = 40) -> list[str]:
@@ -168,3 +169,46 @@ def test_error_label_must_be_a_class(tiny_checkpoint: dict, tmp_path: Path) -> N
         ValueError, match=r"error_label='noise' is not a class; valid: \['silence', 'unknown'"
     ):
         predict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("target", "force", "refused"),
+    [
+        ("input clip", False, "is one of the input clips"),
+        ("model file", False, "exists and is not a .csv file"),
+        ("folder", False, "is a folder: name the file to write"),
+        ("folder", True, "is a folder: name the file to write"),
+        ("input clip", True, None),
+        ("model file", True, None),
+        ("old submission", False, None),
+    ],
+)
+def test_out_is_checked_before_anything_is_read(
+    tmp_path: Path, target: str, force: bool, refused: str | None
+) -> None:
+    """Before: out=<an input clip> or out=<any file> was overwritten with the CSV (exit 0), out=<folder>
+    failed only after every clip was scored. Now refused before the checkpoint is even opened (a
+    missing one here: reaching it shows the check let `out` through), unless force=true."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        sf.write(folder / name, np.zeros(1600, np.int16), 16000)
+    (tmp_path / "model.ckpt").write_bytes(b"weights")
+    (tmp_path / "old.csv").write_text("fname,label\n")
+    (tmp_path / "out_dir").mkdir()
+    paths = {
+        "input clip": folder / "b.wav",
+        "model file": tmp_path / "model.ckpt",
+        "folder": tmp_path / "out_dir",
+        "old submission": tmp_path / "old.csv",
+    }
+    out = paths[target]
+    before = out.read_bytes() if out.is_file() else None
+    cfg = compose(
+        "predict", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={folder}", f"out={out}", f"force={force}"
+    )
+    expected = (UsageError, refused) if refused else (CheckpointError, "missing.ckpt does not exist")
+    with pytest.raises(expected[0], match=expected[1]):
+        predict(cfg)
+    if before is not None:
+        assert out.read_bytes() == before

@@ -333,11 +333,12 @@ def test_exported_models_carry_the_tuned_settings(tiny_checkpoint: dict, tmp_pat
     ]:
         out = tmp_path / f"{Path(ckpt).stem}{suffix}"
         export_checkpoint(str(ckpt), fmt, out, verify_clips=2)
-        predictor = Predictor.from_exported(out)
+        predictor = Predictor.from_exported(out, trust_code=True)
         settings, source = predictor_settings(nothing, predictor)
         assert settings == expected and source == origin
     settings, source = predictor_settings(
-        {**nothing, "detection_threshold": 0.5}, Predictor.from_exported(tmp_path / f"tuned{suffix}")
+        {**nothing, "detection_threshold": 0.5},
+        Predictor.from_exported(tmp_path / f"tuned{suffix}", trust_code=True),
     )
     assert settings.detection_threshold == 0.5 and settings.keyword_thresholds == {}
     assert settings.average_window_ms == 300 and "overridden" in source

@@ -54,7 +54,7 @@ def compose(*overrides: str):
 
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_overrides: list[str]) -> dict:
-    """Three jobs: a normal one, one that diverges (lr=inf: NaN loss at step 2), one with a bad value."""
+    """Three jobs: a normal one, one that diverges (lr=1e30: NaN loss at step 2), one with a bad value."""
     cwd = tmp_path_factory.mktemp("grid")
     sweep_dir = cwd / "sweep"
     result = run_module(
@@ -64,7 +64,7 @@ def grid_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_overrides: li
         f"paths.log_dir={cwd / 'logs'}",
         *synthetic_overrides,
         *TINY,
-        "optimizer.lr=0.01,inf,-1",
+        "optimizer.lr=0.01,1e30,-1",
         f"hydra.sweep.dir={sweep_dir}",
     )
     return {"sweep_dir": sweep_dir, "stdout": check_ok(result), "cwd": cwd}
@@ -105,7 +105,7 @@ def test_summary_ranks_jobs_with_their_overrides(grid_sweep: dict) -> None:
     markdown = (sweep_dir / "sweep_summary.md").read_text()
     assert "3 jobs (1 ok, 2 failed), ranked by val/acc_best (higher is better)" in markdown
     # The table shows what differs between jobs; what they share is listed once above it.
-    assert "| 1 | 0 | ok |" in markdown and "`optimizer.lr=inf`" in markdown
+    assert "| 1 | 0 | ok |" in markdown and "`optimizer.lr=1e+30`" in markdown
     assert "Overrides common to every job: `" in markdown
     assert markdown in grid_sweep["stdout"]  # printed at the end of the sweep
 
@@ -130,13 +130,13 @@ def test_summary_cli_rewrites_the_same_table(grid_sweep: dict) -> None:
 def test_tensorboard_runs_are_named_after_the_swept_values(grid_sweep: dict) -> None:
     sweep_dir = grid_sweep["sweep_dir"]
     # Job 2 (optimizer.lr=-1) fails the config check before its logger exists.
-    for job, value in ((0, "0.01"), (1, "inf")):
+    for job, value in ((0, "0.01"), (1, "1e+30")):
         run = sweep_dir / str(job) / "tensorboard" / f"optimizer.lr={value}"
         assert list(run.glob("events.out.tfevents.*")), sorted((sweep_dir / str(job)).rglob("*"))
 
 
 @pytest.mark.slow
-def test_single_run_still_raises(tmp_path: Path, synthetic_overrides: list[str]) -> None:
+def test_single_run_fails_with_one_line(tmp_path: Path, synthetic_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
     result = run_module(
         tmp_path,
@@ -144,11 +144,13 @@ def test_single_run_still_raises(tmp_path: Path, synthetic_overrides: list[str])
         f"paths.log_dir={tmp_path / 'logs'}",
         *synthetic_overrides,
         *TINY,
-        "optimizer.lr=inf",
+        "optimizer.lr=1e30",
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 1
-    assert "NonFiniteLossError: training loss is nan at step 2" in result.stderr
+    # The tool's own error: one line naming the fix, no traceback (kws_lightning/utils/cli_errors.py).
+    assert "error: training loss is nan at step 2" in result.stderr and "Lower optimizer.lr" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert read_job_result(run_dir / "job_result.json").status == "failed"
 
 
@@ -295,3 +297,41 @@ def test_job_result_writes_non_finite_values_as_null(tmp_path: Path) -> None:
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "job_result.json").write_text("{not json")
         read_job_result(tmp_path / "bad" / "job_result.json")
+
+
+@pytest.mark.parametrize("sweeper", ["grid", "optuna"])
+def test_summary_lists_the_jobs_a_stopped_sweep_never_started(tmp_path: Path, sweeper: str) -> None:
+    """Before: a sweep stopped in job 0 of 2 had a summary saying "1 jobs". The plan comes from the
+    multirun.yaml Hydra's sweeper saves before the first job (a real one: tests/test_interrupts.py)."""
+    from kws_lightning.sweep_summary import summarize
+    from kws_lightning.utils.job_result import INTERRUPTED, make_result, write_job_result
+
+    grid = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "max_batch_size": None}
+    search = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "n_trials": 3}
+    plan = {
+        "hydra": {
+            "sweeper": {**grid, "params": {"seed": "1,2"}} if sweeper == "grid" else search,
+            "overrides": {"task": ["optimizer.lr=0.01,0.003", "trainer.max_steps=10"]},
+        }
+    }
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(plan))
+    started = ["seed=1", "optimizer.lr=0.01", "trainer.max_steps=10"]
+    write_job_result(tmp_path / "0", make_result(INTERRUPTED, "val/acc_best", overrides=started, job_num=0))
+    rows = summarize(tmp_path, echo=False)
+    markdown = (tmp_path / "sweep_summary.md").read_text()
+    if sweeper == "grid":  # 2 seeds x 2 learning rates, in the basic sweeper's order
+        assert [(row.job, row.result.status) for row in rows] == [
+            ("0", "interrupted"),
+            ("1", "not started"),
+            ("2", "not started"),
+            ("3", "not started"),
+        ]
+        assert rows[3].result.overrides == ["seed=2", "optimizer.lr=0.003", "trainer.max_steps=10"]
+        assert "4 jobs (0 ok, 0 failed, 1 interrupted, 3 not started)" in markdown
+        assert (
+            "| 3 | not started |" in markdown
+            and "`seed=2 optimizer.lr=0.003 trainer.max_steps=10`" in markdown
+        )
+    else:  # a search: n_trials jobs, the others' parameters never drawn
+        assert [row.result.status for row in rows] == ["interrupted", "not started", "not started"]
+        assert "3 jobs (0 ok, 0 failed, 1 interrupted, 2 not started)" in markdown

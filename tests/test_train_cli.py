@@ -189,3 +189,41 @@ def test_bad_test_weights_fails_at_start_up(tmp_path: Path) -> None:
     result = run_train(tmp_path, "test_weights=final", "data=synthetic", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "test_weights must be one of ('best', 'last'), got 'final'" in result.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to fill a disk")
+def test_disk_full_during_training_is_one_line_naming_the_folder(
+    tmp_path: Path, synthetic_overrides: list[str]
+) -> None:
+    """Before: a traceback ending in torch's "unexpected pos" RuntimeError context. Now one line."""
+    import json
+    import os
+
+    run_dir = tmp_path / "run"
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kws_lightning.train",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            *synthetic_overrides,
+            *FAST,
+            "model.n_feature_maps=8",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=0",
+            "test=false",
+            "+callbacks.full._target_=training_helpers.WriteToFullDisk",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert f"error: disk full: no space left on the device writing {run_dir}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    recorded = json.loads((run_dir / "job_result.json").read_text())
+    assert recorded["status"] == "failed" and recorded["error"].startswith("DiskFullError:"), recorded

@@ -54,3 +54,14 @@ def check_ok(result: subprocess.CompletedProcess) -> str:
         f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     )
     return result.stdout
+
+
+class WriteToFullDisk(pl.Callback):
+    """Test-only (``+callbacks.full._target_=training_helpers.WriteToFullDisk``, tests/ on PYTHONPATH): after
+    the first training step, write the weights as a checkpoint would, onto /dev/full, which fails with
+    ENOSPC as a full disk does (torch reports it from inside its own error)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        with open("/dev/full", "wb") as handle:
+            torch.save(trainer.lightning_module.state_dict(), handle)
+            handle.flush()

@@ -18,6 +18,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
+from kws_lightning.utils.lightning_private import restore_loader_position, train_loaders
+
 # Top-level checkpoint key: one entry per process (DDP ranks draw their own augmentation).
 RNG_STATES_KEY = "rng_states"
 
@@ -75,11 +77,8 @@ class ExactResume(Callback):
         self._pending: dict[str, Any] | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        if fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher:
-            fit_loop._load_combined_loader_states()
-            iter(fit_loop._data_fetcher)  # the epoch's iterator again, now starting at the restored position
-        for loader in _train_loaders(trainer):
+        restore_loader_position(trainer)
+        for loader in train_loaders(trainer):
             if getattr(loader, "generator", None) is None:
                 loader.generator = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**63)
         if self._pending is not None:
@@ -116,8 +115,3 @@ class ExactResume(Callback):
                 f"{trainer.world_size}: process i takes state i mod {len(states)}"
             )
         self._pending = states[trainer.global_rank % len(states)]
-
-
-def _train_loaders(trainer: pl.Trainer) -> list[Any]:
-    combined = trainer.fit_loop._combined_loader
-    return list(combined.flattened) if combined is not None else []

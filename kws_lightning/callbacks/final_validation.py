@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer import call
+
+from kws_lightning.utils.lightning_private import last_batch_of_epoch, validate_now
 
 
 class FinalValidation(Callback):
@@ -41,8 +42,7 @@ class FinalValidation(Callback):
         loop = trainer.fit_loop
         max_steps_reached = 0 < loop.max_steps <= trainer.global_step
         last_epoch = loop.max_epochs is not None and 0 <= loop.max_epochs <= trainer.current_epoch + 1
-        last_batch = loop.epoch_loop._num_ready_batches_reached()
-        if max_steps_reached or (last_epoch and last_batch):
+        if max_steps_reached or (last_epoch and last_batch_of_epoch(trainer)):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -53,11 +53,4 @@ class FinalValidation(Callback):
             or self._validated_step == trainer.global_step
         ):
             return
-        # What the training loop does at a validation step (TrainingEpochLoop.on_advance_end).
-        logger_connector = trainer._logger_connector
-        first_loop_iter = logger_connector._first_loop_iter
-        trainer.validating = True
-        call._call_lightning_module_hook(trainer, "on_validation_model_zero_grad")
-        trainer.fit_loop.epoch_loop.val_loop.run()
-        trainer.training = True
-        logger_connector._first_loop_iter = first_loop_iter
+        validate_now(trainer)

@@ -9,6 +9,7 @@ from kws_lightning.models import (
     bc_resnet,  # noqa: F401
     cnn_trad_pool2,  # noqa: F401
     ds_cnn,  # noqa: F401
+    embedding_heads,  # noqa: F401
     light_cnn,  # noqa: F401
     matchboxnet,  # noqa: F401
     res,  # noqa: F401

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._cleaned: set[Path] = set()
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None:
             raise TypeError(

@@ -20,7 +20,10 @@ FAILED = "failed"
 # Stopped by SIGINT/SIGTERM (Ctrl+C, a scheduler's preemption or time limit): last.ckpt holds the state at the
 # step it stopped, and `last_checkpoint` names it for `ckpt_path=`.
 INTERRUPTED = "interrupted"
-STATUSES = (OK, FAILED, INTERRUPTED)
+# Never written by a job: the sweep summary's row for a job the sweep planned but never started (it was
+# interrupted first).
+NOT_STARTED = "not started"
+STATUSES = (OK, FAILED, INTERRUPTED, NOT_STARTED)
 
 
 @dataclass

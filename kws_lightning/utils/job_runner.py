@@ -2,8 +2,10 @@
 multi-process sweep job), and leave `job_result.json` whatever happens (ok, failed, interrupted).
 
 In a sweep a failure is recorded and NaN returned, so the sweep goes on and the summary lists it; a single
-run raises. SIGINT/SIGTERM are recorded as interrupted (training saves last.ckpt at the step it stopped) and
-end the run, and a sweep with it, with exit code 128 + the signal's number.
+run raises (the command prints an expected error as one line, kws_lightning/utils/cli_errors.py; a full disk
+is raised as `DiskFullError` naming the run dir). SIGINT/SIGTERM are recorded as interrupted (training saves
+last.ckpt at the step it stopped) and end the run, and a sweep with it (its summary then lists the jobs never
+started), with exit code 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from omegaconf import DictConfig
 
 from kws_lightning.config_check import validate_train_config
 from kws_lightning.utils import sweep_job
+from kws_lightning.utils.cli_errors import disk_full, expected_message
 from kws_lightning.utils.job_result import (
     FAILED,
     FILENAME,
@@ -55,7 +58,10 @@ def run_job(cfg: DictConfig, train: TrainFunction, module_name: str) -> float | 
     def record(result: JobResult) -> None:
         result.wall_time_s = time.monotonic() - start
         if output_dir and _is_rank_zero():
-            write_job_result(output_dir, result)
+            try:
+                write_job_result(output_dir, result)
+            except OSError as error:  # a full disk must not hide the error being recorded
+                log.error("could not write %s in %s: %s", FILENAME, output_dir, error)
 
     try:
         # Before torch is imported or a file read: a wrong type, range or pair of keys fails in a second.
@@ -81,17 +87,43 @@ def run_job(cfg: DictConfig, train: TrainFunction, module_name: str) -> float | 
             make_result(INTERRUPTED, metric, error=error_message(stop), last_checkpoint=checkpoint, **context)
         )
         log.error("%s", stop if str(stop) else f"interrupted ({type(stop).__name__})")
+        if hydra_cfg is not None and sweep_job.is_multirun() and _is_rank_zero():
+            _summarize_stopped_sweep(hydra_cfg)
         if isinstance(stop, TrainingInterrupted):
             raise SystemExit(stop.exit_code) from None
         raise
     except Exception as error:
-        record(make_result(FAILED, metric, error=error_message(error), **context))
+        # ENOSPC (torch raises it from inside its own errors) is named as a full disk with the folder.
+        full = disk_full(error, output_dir)
+        record(make_result(FAILED, metric, error=error_message(full or error), **context))
         if not sweep_job.is_multirun():
+            if full is not None:
+                raise full from error
             raise
-        log.exception("job %s failed; the sweep goes on (recorded in job_result.json)", context["job_num"])
+        message = expected_message(error, folder=output_dir)
+        if message is None:  # a bug: its traceback goes to the sweep's log
+            log.exception(
+                "job %s failed; the sweep goes on (recorded in job_result.json)", context["job_num"]
+            )
+        else:
+            log.error("job %s failed; the sweep goes on: %s", context["job_num"], message)
         return float("nan") if metric else None
     record(result)
     return value
+
+
+def _summarize_stopped_sweep(hydra_cfg: Any) -> None:
+    """With Hydra's basic launcher (jobs one after another in this process) the sweep ends with this job and
+    its end-of-sweep callback never runs: write the summary here (jobs never started listed as such). Other
+    launchers (SLURM) run the other jobs elsewhere, and go on."""
+    from kws_lightning.sweep_summary import summarize_sweep
+
+    if not str(hydra_cfg.launcher.get("_target_", "")).endswith(".BasicLauncher"):
+        return
+    try:
+        summarize_sweep(hydra_cfg)
+    except Exception as error:  # the stop goes on whatever happens to the summary
+        log.error("could not write the sweep summary: %s", error)
 
 
 def _is_rank_zero() -> bool:

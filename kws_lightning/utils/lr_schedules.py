@@ -13,7 +13,8 @@ class PiecewiseConstantLR(LRScheduler):
     """The seed's `StepLR([(0, 0.01), (200, 0.001)])`: absolute rates that start at given steps.
 
     `schedule` is a list of ``(start_step, lr)`` pairs; the first must start at step 0. The optimiser's
-    own `lr` is ignored: the schedule says every rate.
+    own `lr` is ignored: the schedule says every rate (times a group's `lr_scale`, where a fine-tuned front
+    end has one: KWSLightningModule._param_groups).
     """
 
     def __init__(
@@ -30,7 +31,8 @@ class PiecewiseConstantLR(LRScheduler):
         return lr
 
     def get_lr(self) -> list[float]:
-        return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
+        lr = self.lr_at(self.last_epoch)
+        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
 
 
 def _validate_schedule(schedule: Sequence[Sequence[float]]) -> list[tuple[int, float]]:

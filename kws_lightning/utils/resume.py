@@ -53,7 +53,9 @@ def resolve_ckpt_path(
             if in_sweep
             else "train first, check paths.log_dir and task_name, or give the file: ckpt_path=PATH"
         )
-        raise FileNotFoundError(f"ckpt_path=last: no {CHECKPOINT_NAME} under {where}: {hint}")
+        from kws_lightning.checkpoints import CheckpointError
+
+        raise CheckpointError(f"ckpt_path=last: no {CHECKPOINT_NAME} under {where}: {hint}")
     # A run killed while writing a checkpoint may have left its temporary file beside it.
     remove_stale_temporaries(found.parent)
     log.info("ckpt_path=%s: resuming from %s", ckpt_path, found)

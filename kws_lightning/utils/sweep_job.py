@@ -120,15 +120,12 @@ def launches_own_processes(trainer_cfg: DictConfig) -> bool:
     ``strategy=auto`` on GPUs is DDP too). Under SLURM or torchrun the processes exist already: False.
     """
     from hydra.utils import instantiate
-    from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+
+    from kws_lightning.utils.lightning_private import reruns_command_for_processes
 
     with _quiet(["pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"]):
         trainer = instantiate(trainer_cfg, logger=False, callbacks=[], enable_checkpointing=False)
-    launcher = trainer.strategy.launcher
-    return (
-        isinstance(launcher, _SubprocessScriptLauncher)
-        and not launcher.cluster_environment.creates_processes_externally
-    )
+    return reruns_command_for_processes(trainer)
 
 
 def _job_only(override: str) -> bool:
