@@ -7,6 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from audio_trees import make_training_tree
+from training_helpers import make_trainer
 
 from kws_lightning.data.datamodule import SpeechCommandsDataModule
 from kws_lightning.data.dataset import ClipBatches, DeviceClipBatches
@@ -72,16 +73,7 @@ def _fit(root, tmp_path, cache_on_device: str) -> list[tuple[str, torch.Tensor, 
         cache_on_device=cache_on_device,
     )
     module = RecordBatches()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = make_trainer(tmp_path, max_epochs=2)
     trainer.fit(module, datamodule=dm)
     assert dm.cache_on_device() == (cache_on_device == "true")
     return module.seen
