@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from audio_trees import make_training_tree
-from training_helpers import make_trainer
+from training_helpers import make_trainer, yes_no_datamodule
 
 from kws_lightning.data.datamodule import SpeechCommandsDataModule
 from kws_lightning.data.dataset import ClipBatches, DeviceClipBatches
@@ -64,14 +64,7 @@ class RecordBatches(pl.LightningModule):
 
 def _fit(root, tmp_path, cache_on_device: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     pl.seed_everything(3)
-    dm = SpeechCommandsDataModule(
-        root=str(root),
-        keywords=["yes", "no"],
-        batch_size=8,
-        cache_dir=str(tmp_path / "cache"),
-        seed=5,
-        cache_on_device=cache_on_device,
-    )
+    dm = yes_no_datamodule(root, tmp_path, cache_on_device)
     module = RecordBatches()
     trainer = make_trainer(tmp_path, max_epochs=2)
     trainer.fit(module, datamodule=dm)

@@ -5,8 +5,7 @@ import pytorch_lightning as pl
 import torch
 from audio_trees import make_training_tree
 from pytorch_lightning.callbacks import ModelCheckpoint
-
-from kws_lightning.data.datamodule import SpeechCommandsDataModule
+from training_helpers import yes_no_datamodule
 
 
 class RecordTargets(pl.LightningModule):
@@ -30,14 +29,7 @@ class RecordTargets(pl.LightningModule):
 
 
 def fit(root, tmp_path, max_steps, ckpt_path=None, cache_on_device="false", **trainer_kwargs):
-    dm = SpeechCommandsDataModule(
-        root=str(root),
-        keywords=["yes", "no"],
-        batch_size=8,
-        cache_dir=str(tmp_path / "cache"),
-        seed=5,
-        cache_on_device=cache_on_device,
-    )
+    dm = yes_no_datamodule(root, tmp_path, cache_on_device)
     module = RecordTargets()
     trainer = pl.Trainer(
         max_steps=max_steps,

@@ -11,6 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from kws_lightning.data.datamodule import SpeechCommandsDataModule
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -31,6 +33,19 @@ class RepeatBatch(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batch
+
+
+def yes_no_datamodule(root: Path, tmp_path: Path, cache_on_device: str = "false") -> SpeechCommandsDataModule:
+    """A small `yes` / `no` data module over `root` (audio_trees.make_training_tree), cached under `tmp_path`,
+    with a fixed seed: what the data-path tests (resume, device cache) train on."""
+    return SpeechCommandsDataModule(
+        root=str(root),
+        keywords=["yes", "no"],
+        batch_size=8,
+        cache_dir=str(tmp_path / "cache"),
+        seed=5,
+        cache_on_device=cache_on_device,
+    )
 
 
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
