@@ -189,6 +189,16 @@ def export_friendly(module: nn.Module, enabled: bool = True) -> nn.Module:
     return module
 
 
+def _dft_precision(frontend: nn.Module, waves: torch.Tensor) -> tuple[torch.dtype, torch.dtype, torch.Tensor]:
+    """(compute dtype, DFT dtype, window) for a front end with `window`, `_window64` and `float32_dft`: the
+    DFTs run in float64 (module docstring) on the exact window, unless `float32_dfts` asks for float32;
+    `window` sets device and dtype."""
+    dtype = _compute_dtype(frontend.window)
+    if frontend.float32_dft:
+        return dtype, dtype, _exact(frontend.window, frontend._window64)
+    return dtype, torch.float64, frontend._window64.to(waves.device)
+
+
 @contextlib.contextmanager
 def float32_dfts(module: nn.Module) -> Iterator[None]:
     """Inside the block, the front ends in `module` run their DFTs in float32: training steps
@@ -255,10 +265,7 @@ class MelPowerSpectrogram(nn.Module):
 
     def forward(self, waves: torch.Tensor, bank_warp: FilterBankWarp | None = None) -> torch.Tensor:
         _check_waves(waves, type(self).__name__, self.min_samples)
-        dtype = _compute_dtype(self.window)
-        # The DFTs run in float64 (module docstring) on the exact window; `window` sets device and dtype.
-        dft_dtype = dtype if self.float32_dft else torch.float64
-        window = _exact(self.window, self._window64) if self.float32_dft else self._window64.to(waves.device)
+        dtype, dft_dtype, window = _dft_precision(self, waves)
         with _no_autocast(waves.device):
             if self.matmul_dft:
                 power = self._power_matmul(waves.to(dft_dtype), window)
@@ -493,10 +500,7 @@ class LogSpectrogram(nn.Module):
 
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         _check_waves(waves, type(self).__name__, self.min_samples)
-        dtype = _compute_dtype(self.window)
-        # The DFTs run in float64 (module docstring) on the exact window; `window` sets device and dtype.
-        dft_dtype = dtype if self.float32_dft else torch.float64
-        window = _exact(self.window, self._window64) if self.float32_dft else self._window64.to(waves.device)
+        dtype, dft_dtype, window = _dft_precision(self, waves)
         with _no_autocast(waves.device):
             x = self.resample(waves.to(dft_dtype))
             frames = x.unfold(-1, self.nperseg, self.step) * window  # (B, T, nperseg)
